@@ -1,0 +1,119 @@
+"""Calling reward functions safely and combining them with weights, as TRL does.
+
+Each function returns one value per completion: a float, or None when it does not apply to that sample. The
+total is the weighted sum of the values that apply. A function that raises, returns the wrong number of
+values, or returns NaN/inf is an error naming the function; with ``on_error="skip"`` the offending samples
+are skipped (their total is NaN) and counted instead.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .registry import RewardFunc, reward_name
+
+
+class RewardError(RuntimeError):
+    """A reward function misbehaved."""
+
+
+@dataclass
+class RewardScores:
+    per_function: torch.Tensor  # [N, F], NaN where a function returned None or the sample was skipped
+    total: torch.Tensor  # [N], NaN for skipped samples
+    names: list[str]
+    skipped: dict[str, int] = field(default_factory=dict)  # function name -> samples skipped
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return ~torch.isnan(self.total)
+
+
+def _check_values(name: str, values, n: int) -> list[float | None]:
+    if not isinstance(values, (list, tuple)):
+        try:
+            values = list(values)
+        except TypeError:
+            raise RewardError(f"reward function {name!r} returned {type(values).__name__}, expected a list") from None
+    if len(values) != n:
+        raise RewardError(f"reward function {name!r} returned {len(values)} values for {n} completions")
+    checked = []
+    for i, value in enumerate(values):
+        if value is None:
+            checked.append(None)
+            continue
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise RewardError(f"reward function {name!r} returned {value!r} for sample {i}, not a number") from None
+        if not math.isfinite(number):
+            raise RewardError(f"reward function {name!r} returned {number} for sample {i}")
+        checked.append(number)
+    return checked
+
+
+def _call(func: RewardFunc, name: str, prompts, completions, completion_ids, columns, rows) -> list[float | None]:
+    pick = (lambda xs: [xs[i] for i in rows]) if rows is not None else (lambda xs: xs)
+    kwargs = {key: pick(values) for key, values in columns.items()}
+    try:
+        values = func(prompts=pick(prompts), completions=pick(completions),
+                      completion_ids=pick(completion_ids) if completion_ids is not None else None, **kwargs)
+    except RewardError:
+        raise
+    except Exception as error:
+        raise RewardError(f"reward function {name!r} raised {type(error).__name__}: {error}") from error
+    return _check_values(name, values, len(rows) if rows is not None else len(completions))
+
+
+def compute_rewards(
+    funcs: list[RewardFunc],
+    prompts: list,
+    completions: list,
+    completion_ids: list | None = None,
+    columns: dict[str, list] | None = None,
+    weights: list[float] | None = None,
+    on_error: str = "raise",
+    names: list[str] | None = None,
+) -> RewardScores:
+    """Score ``completions`` with every function; ``columns`` are the data set columns, one value per completion."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    n = len(completions)
+    columns = columns or {}
+    for key, values in columns.items():
+        if len(values) != n:
+            raise ValueError(f"column {key!r} has {len(values)} values for {n} completions")
+    weights = [1.0] * len(funcs) if weights is None else list(weights)
+    if len(weights) != len(funcs):
+        raise ValueError(f"{len(weights)} reward weights for {len(funcs)} reward functions")
+    names = names or [reward_name(f) for f in funcs]
+
+    table = torch.full((n, len(funcs)), float("nan"))
+    bad_rows = torch.zeros(n, dtype=torch.bool)
+    skipped: dict[str, int] = {}
+    for j, (func, name) in enumerate(zip(funcs, names)):
+        try:
+            values = _call(func, name, prompts, completions, completion_ids, columns, None)
+        except RewardError:
+            if on_error == "raise":
+                raise
+            values = []  # find the offending samples one by one
+            for i in range(n):
+                try:
+                    values.extend(_call(func, name, prompts, completions, completion_ids, columns, [i]))
+                except RewardError:
+                    values.append(None)
+                    bad_rows[i] = True
+                    skipped[name] = skipped.get(name, 0) + 1
+        for i, value in enumerate(values):
+            if value is not None:
+                table[i, j] = value
+
+    weight = torch.tensor(weights, dtype=table.dtype)
+    applies = ~torch.isnan(table)
+    total = torch.where(applies, table * weight, torch.zeros_like(table)).sum(dim=1)
+    total[~applies.any(dim=1) | bad_rows] = float("nan")
+    return RewardScores(per_function=table, total=total, names=names, skipped=skipped)

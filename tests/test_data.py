@@ -1,0 +1,87 @@
+import json
+
+import pytest
+
+from spo.data import (DEFAULT_DIFFICULTY, arithmetic_problems, load_problems, make_arithmetic_task,
+                      tokenize_prompts)
+
+
+def test_builtin_task_is_deterministic_and_splits_never_overlap():
+    train = arithmetic_problems("train", 2000, seed=3)
+    test = arithmetic_problems("test", 500, seed=3)
+    assert train == arithmetic_problems("train", 2000, seed=3)
+    assert train != arithmetic_problems("train", 2000, seed=4)
+    assert not {p["question"] for p in train} & {p["question"] for p in test}
+    assert len({p["question"] for p in train}) == 2000
+    # a different seed draws other problems but still never crosses the split
+    other_test = arithmetic_problems("test", 500, seed=4)
+    assert not {p["question"] for p in train} & {p["question"] for p in other_test}
+
+
+@pytest.mark.parametrize("difficulty", [1, 2, 3, 4, 5, 6])
+def test_builtin_answers_are_right(difficulty):
+    import re
+
+    for problem in arithmetic_problems("train", 50, difficulty=difficulty):
+        sentences = problem["question"].split(". ")
+        value = int(re.search(r"has (\d+)", sentences[0]).group(1))
+        for sentence in sentences[1:-1] + [sentences[-1].split("?")[0]]:
+            number = re.search(r"(\d+)", sentence)
+            if "doubles" in sentence:
+                value *= 2
+            elif "triples" in sentence:
+                value *= 3
+            elif "quadruples" in sentence:
+                value *= 4
+            elif number and ("gives away" in sentence or "loses" in sentence):
+                value -= int(number.group(1))
+            elif number:
+                value += int(number.group(1))
+        assert str(value) == problem["answer"] and value >= 0
+
+
+def test_difficulty_out_of_range_is_rejected():
+    with pytest.raises(ValueError, match="difficulty must be between 1 and 6"):
+        arithmetic_problems("train", 3, difficulty=9)
+
+
+def test_gsm8k_from_local_file_extracts_answer(shared_data):
+    ds = load_problems(str(shared_data / "gsm8k" / "test.jsonl"), limit=5)
+    assert len(ds) == 5 and ds[0]["prompt"][-1]["role"] == "user"
+    raw = json.loads(open(shared_data / "gsm8k" / "test.jsonl").readline())
+    assert ds[0]["answer"] == raw["answer"].rsplit("####", 1)[1].strip()
+    assert raw["question"] in ds[0]["prompt"][-1]["content"] and "####" in ds[0]["prompt"][-1]["content"]
+
+
+def test_folder_source_and_math_preset(shared_data):
+    ds = load_problems(str(shared_data / "math500"), split="test", limit=3)
+    assert ds[0]["answer"] and "\\boxed" in ds[0]["prompt"][-1]["content"]
+    assert "subject" in ds.column_names  # other columns are kept for reward functions
+
+
+def test_field_mapping_and_clear_errors(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps({"q": "1+1?", "a": "2"}) + "\n" + json.dumps({"q": "", "a": "3"}) + "\n")
+    with pytest.raises(KeyError, match="no field 'question'.*fields are \\['q', 'a'\\]"):
+        load_problems(str(path))
+    with pytest.raises(ValueError, match="row 1: field 'q' is empty"):
+        load_problems(str(path), question_field="q", answer_field="a")
+    good = load_problems(str(path), question_field="q", answer_field="a", limit=1)
+    assert good[0]["answer"] == "2"
+    with pytest.raises(FileNotFoundError):
+        load_problems(str(tmp_path / "missing" / "x.jsonl"))
+    parquet = tmp_path / "p.parquet"
+    good.remove_columns("prompt").to_parquet(str(parquet))
+    assert load_problems(str(parquet), question_field="q", answer_field="a")[0]["answer"] == "2"
+
+
+def test_builtin_source_and_chat_prompts(embedded_tokenizer):
+    ds = load_problems("builtin:arithmetic", "test", limit=4)
+    assert len(ds) == 4 and ds[0]["answer"].isdigit()
+    ids = tokenize_prompts(embedded_tokenizer, ds["prompt"])
+    text = embedded_tokenizer.decode(ids[0])
+    assert text.rstrip().endswith("<|im_start|>assistant") and ds[0]["question"] in text
+    with pytest.raises(ValueError, match="prompt 0 has .* tokens, more than max_prompt_length=5"):
+        tokenize_prompts(embedded_tokenizer, ds["prompt"], max_prompt_length=5)
+    assert make_arithmetic_task("test", 4)["question"] == ds["question"]
+    assert DEFAULT_DIFFICULTY in range(1, 7)

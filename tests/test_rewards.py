@@ -1,0 +1,149 @@
+import json
+import math
+import threading
+import time
+
+import pytest
+
+from rewards import (MathChecker, RewardError, compute_rewards, extract_final_number, format_reward, get_reward,
+                     gsm8k_accuracy, math_accuracy, numeric_accuracy, register_reward)
+from rewards.text import completion_text, last_boxed
+
+
+def _gsm8k(shared_data):
+    rows = [json.loads(line) for line in open(shared_data / "gsm8k" / "test.jsonl")]
+    assert len(rows) == 1319
+    return rows, [r["answer"].rsplit("####", 1)[1].strip() for r in rows]
+
+
+def _with_final(solution: str, final: str) -> str:
+    return solution.rsplit("####", 1)[0] + final
+
+
+def test_gsm8k_reward_accepts_every_gold_answer_in_three_forms(shared_data):
+    rows, gold = _gsm8k(shared_data)
+    as_hash = [r["answer"] for r in rows]
+    as_boxed = [_with_final(r["answer"], f"The answer is $\\boxed{{{g}}}$.") for r, g in zip(rows, gold)]
+    as_thousands = [_with_final(r["answer"], f"#### ${int(g.replace(',', '')):,}") for r, g in zip(rows, gold)]
+    assert any("," in c.rsplit("####", 1)[1] for c in as_thousands)  # the separator form really occurs
+    for completions in (as_hash, as_boxed, as_thousands):
+        assert gsm8k_accuracy(prompts=None, completions=completions, answer=gold) == [1.0] * len(rows)
+
+
+def test_gsm8k_reward_rejects_every_changed_answer(shared_data):
+    rows, gold = _gsm8k(shared_data)
+    changed = [_with_final(r["answer"], f"#### {int(g.replace(',', '')) + 1}") for r, g in zip(rows, gold)]
+    assert gsm8k_accuracy(completions=changed, answer=gold) == [0.0] * len(rows)
+    # the reference may also be the full GSM8K solution
+    assert gsm8k_accuracy(completions=[rows[0]["answer"]], answer=[rows[0]["answer"]]) == [1.0]
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("so 3 + 4 = 7\n#### 7", "7"), ("It costs $1,234.00 in total. #### $1,234", "1234"),
+    ("The answer is 12 apples.", "12"), ("...\\boxed{-5}", "-5"), ("I got 2 then 18.0", "18"),
+    ("The answer is: 42", "42"), ("nothing here", None),
+])
+def test_final_number_extraction(text, expected):
+    number = extract_final_number(text)
+    assert (str(number.normalize()) if number is not None else None) == expected
+
+
+def test_numbers_compare_numerically_with_units_and_trailing_zero():
+    assert numeric_accuracy(completions=["#### 18.0 dollars", "#### 18.5"], answer=["18", "18"]) == [1.0, 0.0]
+
+
+def test_completions_as_chat_messages():
+    chat = [[{"role": "assistant", "content": "The answer is 5"}]]
+    assert completion_text(chat[0]) == "The answer is 5"
+    assert gsm8k_accuracy(completions=chat, answer=["5"]) == [1.0]
+
+
+def test_math_reward_matches_math500_solutions(shared_data):
+    rows = [json.loads(line) for line in open(shared_data / "math500" / "test.jsonl")]
+    assert len(rows) == 500
+    scores = math_accuracy(completions=[r["solution"] for r in rows], answer=[r["answer"] for r in rows])
+    assert sum(scores) / len(rows) >= 0.99
+    # a changed answer is rejected: put a different boxed value in the solution
+    changed = [r["solution"].replace(f"\\boxed{{{last_boxed(r['solution'])}}}", "\\boxed{123456789}")
+               for r in rows[:40] if last_boxed(r["solution"])]
+    assert sum(math_accuracy(completions=changed, answer=[r["answer"] for r in rows[:40]][:len(changed)])) == 0
+
+
+def test_math_reward_latex_equivalence():
+    assert math_accuracy(completions=["so $\\boxed{\\frac{1}{2}}$", "$\\boxed{0.5}$", "$\\boxed{\\frac{2}{3}}$"],
+                         answer=["\\frac12", "\\frac{1}{2}", "\\frac{1}{2}"]) == [1.0, 1.0, 0.0]
+
+
+def test_math_checker_times_out_off_the_main_thread_and_recovers():
+    checker = MathChecker(timeout=1.0)
+    # a huge power tower: sympy grinds on it far longer than the deadline
+    slow = "$\\boxed{" + "9^" * 40 + "9}$"
+    results = {}
+
+    def work():
+        start = time.perf_counter()
+        results["slow"] = checker.check("1", slow)
+        results["seconds"] = time.perf_counter() - start
+        results["after"] = checker.check("\\frac{1}{2}", "$\\boxed{0.5}$")
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join(60)
+    checker.close()
+    assert not thread.is_alive()
+    assert results["slow"] is None and checker.stats["timeouts"] == 1
+    assert results["seconds"] < 30  # deadline (plus the worker's start-up), not the minutes sympy would take
+    assert results["after"] is True  # a fresh worker replaced the killed one
+
+
+def test_format_reward():
+    assert format_reward(completions=["#### 3", "The answer is 4", "\\boxed{5}", "maybe 6"]) == [1, 1, 1, 0]
+
+
+def test_registry_resolves_names_import_paths_and_suggests():
+    assert get_reward("gsm8k_accuracy") is numeric_accuracy
+    assert get_reward("rewards.format:format_reward") is format_reward
+    with pytest.raises(ValueError, match="Did you mean 'math_accuracy'"):
+        get_reward("math_acuracy")
+
+    @register_reward("always_one")
+    def always_one(prompts, completions, **kw):
+        return [1.0] * len(completions)
+
+    assert get_reward("always_one") is always_one
+
+
+def test_weighted_combination_and_none_means_not_applicable():
+    def half(completions, **kw):
+        return [0.5] * len(completions)
+
+    def only_first(completions, **kw):
+        return [1.0] + [None] * (len(completions) - 1)
+
+    scores = compute_rewards([half, only_first], prompts=["p", "q"], completions=["a", "b"], weights=[2.0, 3.0])
+    assert scores.total.tolist() == [4.0, 1.0]
+    assert math.isnan(scores.per_function[1, 1])
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda completions, **kw: 1 / 0, "'bad' raised ZeroDivisionError"),
+    (lambda completions, **kw: [1.0], "'bad' returned 1 values for 2 completions"),
+    (lambda completions, **kw: [1.0, float("nan")], "'bad' returned nan for sample 1"),
+    (lambda completions, **kw: [1.0, "x"], "'bad' returned 'x' for sample 1"),
+])
+def test_misbehaving_reward_is_named(bad, match):
+    bad.__name__ = "bad"
+    with pytest.raises(RewardError, match=match):
+        compute_rewards([bad], prompts=["p", "q"], completions=["a", "b"])
+
+
+def test_misbehaving_samples_can_be_skipped_and_counted():
+    def fails_on_b(completions, **kw):
+        if "b" in completions:
+            raise RuntimeError("cannot score b")
+        return [1.0] * len(completions)
+
+    scores = compute_rewards([fails_on_b], prompts=["p"] * 3, completions=["a", "b", "c"], on_error="skip")
+    assert scores.valid.tolist() == [True, False, True]
+    assert scores.skipped == {"fails_on_b": 1}
+    assert scores.total[0] == 1.0 and scores.total[2] == 1.0
