@@ -9,6 +9,8 @@ are skipped (their total is NaN) and counted instead.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 import torch
@@ -55,12 +57,30 @@ def _check_values(name: str, values, n: int) -> list[float | None]:
     return checked
 
 
-def _call(func: RewardFunc, name: str, prompts, completions, completion_ids, columns, rows) -> list[float | None]:
+def _with_time_limit(call, seconds: float | None, name: str):
+    """Run ``call`` with a deadline. A Python thread cannot be killed, so a function that overruns keeps running in
+    the background, but training goes on without waiting for it."""
+    if seconds is None:
+        return call()
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"reward-{name}")
+    future = pool.submit(call)
+    try:
+        return future.result(timeout=seconds)
+    except FutureTimeout:
+        raise RewardError(f"reward function {name!r} did not return within {seconds:g}s") from None
+    finally:
+        pool.shutdown(wait=False)
+
+
+def _call(func: RewardFunc, name: str, prompts, completions, completion_ids, columns, rows,
+          timeout: float | None = None) -> list[float | None]:
     pick = (lambda xs: [xs[i] for i in rows]) if rows is not None else (lambda xs: xs)
     kwargs = {key: pick(values) for key, values in columns.items()}
     try:
-        values = func(prompts=pick(prompts), completions=pick(completions),
-                      completion_ids=pick(completion_ids) if completion_ids is not None else None, **kwargs)
+        values = _with_time_limit(
+            lambda: func(prompts=pick(prompts), completions=pick(completions),
+                         completion_ids=pick(completion_ids) if completion_ids is not None else None, **kwargs),
+            timeout, name)
     except RewardError:
         raise
     except Exception as error:
@@ -77,8 +97,10 @@ def compute_rewards(
     weights: list[float] | None = None,
     on_error: str = "raise",
     names: list[str] | None = None,
+    timeout: float | None = None,
 ) -> RewardScores:
-    """Score ``completions`` with every function; ``columns`` are the data set columns, one value per completion."""
+    """Score ``completions`` with every function; ``columns`` are the data set columns, one value per completion.
+    ``timeout``: seconds each function may take for the batch (a function that overruns is an error)."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     n = len(completions)
@@ -96,18 +118,23 @@ def compute_rewards(
     skipped: dict[str, int] = {}
     for j, (func, name) in enumerate(zip(funcs, names)):
         try:
-            values = _call(func, name, prompts, completions, completion_ids, columns, None)
-        except RewardError:
+            values = _call(func, name, prompts, completions, completion_ids, columns, None, timeout)
+        except RewardError as error:
             if on_error == "raise":
                 raise
-            values = []  # find the offending samples one by one
-            for i in range(n):
+            values = []  # find the offending samples one by one (a time-out skips the whole batch instead)
+            timed_out = "did not return within" in str(error)
+            for i in range(n if not timed_out else 0):
                 try:
-                    values.extend(_call(func, name, prompts, completions, completion_ids, columns, [i]))
+                    values.extend(_call(func, name, prompts, completions, completion_ids, columns, [i], timeout))
                 except RewardError:
                     values.append(None)
                     bad_rows[i] = True
                     skipped[name] = skipped.get(name, 0) + 1
+            if timed_out:
+                values = [None] * n
+                bad_rows[:] = True
+                skipped[name] = skipped.get(name, 0) + n
         for i, value in enumerate(values):
             if value is not None:
                 table[i, j] = value

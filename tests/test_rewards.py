@@ -147,3 +147,19 @@ def test_misbehaving_samples_can_be_skipped_and_counted():
     assert scores.valid.tolist() == [True, False, True]
     assert scores.skipped == {"fails_on_b": 1}
     assert scores.total[0] == 1.0 and scores.total[2] == 1.0
+
+
+def test_a_hanging_reward_hits_its_time_limit():
+    import threading
+
+    release = threading.Event()
+
+    def hangs(completions, **kw):
+        release.wait(30)
+        return [0.0] * len(completions)
+
+    start = time.perf_counter()
+    with pytest.raises(RewardError, match="'hangs' did not return within 0.5s"):
+        compute_rewards([hangs], prompts=["p"], completions=["a"], timeout=0.5)
+    assert time.perf_counter() - start < 5
+    release.set()

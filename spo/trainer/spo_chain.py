@@ -1,0 +1,113 @@
+"""SPO-chain: segment advantages from Monte Carlo values at cutpoints (ALGORITHMS.md 1.2-1.4).
+
+For each rollout: cut it into segments before low-probability tokens (every k-th), value each boundary state by
+the mean reward of K continuations sampled from it (identical states are valued once, and each state's prefix is
+encoded once and forked K times by the generator), and give every token of a segment that segment's advantage
+``V(end) - V(start)`` (the last segment ends at the rollout's own reward).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from ..segments import cutpoint_boundaries, fixed_boundaries, newline_boundaries, segment_advantages
+from .base import RLTrainer
+from .config import SPOChainConfig
+from .samples import Sample
+
+
+def thin_boundaries(boundaries: list[torch.Tensor], cap: int) -> list[torch.Tensor]:
+    """Keep at most ``cap`` boundaries in total: repeatedly halve (keeping the first) the longest list."""
+    boundaries = list(boundaries)
+    while sum(b.numel() for b in boundaries) > cap:
+        longest = max(range(len(boundaries)), key=lambda i: boundaries[i].numel())
+        if boundaries[longest].numel() <= 1:
+            break
+        boundaries[longest] = boundaries[longest][::2]
+    return boundaries
+
+
+class SPOChainTrainer(RLTrainer):
+    algorithm = "spo_chain"
+
+    def __init__(self, model, reward_funcs, args: SPOChainConfig | None = None, **kwargs):
+        super().__init__(model, reward_funcs, args or SPOChainConfig(), **kwargs)
+        self._newline_mask = None
+
+    def partition(self, rollout) -> torch.Tensor:
+        args = self.args
+        if args.partition == "cutpoint":
+            return cutpoint_boundaries(rollout.logprobs.exp(), args.probability_threshold, args.cutpoint_interval)
+        length = len(rollout.completion_ids)
+        if args.partition == "fixed":
+            return fixed_boundaries(length, args.num_fixed_segments)
+        if self._newline_mask is None:
+            vocab = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
+            self._newline_mask = torch.tensor(["\n" in self.tokenizer.convert_tokens_to_string([t]) for t in vocab])
+        return newline_boundaries(torch.tensor(rollout.completion_ids), self._newline_mask)
+
+    def state_values(self, rows: list[int], rollouts, boundaries: list[torch.Tensor], step: int) -> list[torch.Tensor]:
+        """``V(s_c)`` for every boundary of every rollout: mean reward of K continuations of the state
+        "prompt + response[0..c]", the reward computed on the full solution. Identical states are valued once."""
+        states: dict[tuple, int] = {}
+        keys = []
+        for rollout, cuts in zip(rollouts, boundaries):
+            row_keys = []
+            for c in cuts.tolist():
+                key = (rollout.prompt_index, tuple(rollout.prompt_ids), tuple(rollout.completion_ids[:c + 1]))
+                row_keys.append(states.setdefault(key, len(states)))
+            keys.append(row_keys)
+        if not states:
+            return [torch.zeros(0) for _ in rollouts]
+        ordered = sorted(states, key=states.get)
+        k = self.args.mc_samples
+        params = self.sampling_params(step + 7919 * (1 + self.args.max_steps))  # distinct from the rollouts' seed
+        remaining = self.args.max_completion_length
+        params.max_new_tokens = remaining  # trimmed per state below through the partial's length
+        batch = self.generator.continue_from([(list(p), list(c)) for _, p, c in ordered], params, k=k,
+                                             max_total_new_tokens=remaining)
+        prefix_text = [self.tokenizer.decode(list(c), skip_special_tokens=True) for _, _, c in ordered]
+        continuation_rows = [rows[ordered[r.prompt_index][0]] for r in batch.rollouts]
+        texts = [prefix_text[r.prompt_index] + r.text for r in batch.rollouts]
+        ids = [list(ordered[r.prompt_index][2]) + r.completion_ids for r in batch.rollouts]
+        rewards = self.score_completions(continuation_rows, texts, ids, record=False)
+        sums = torch.zeros(len(ordered))
+        counts = torch.zeros(len(ordered))
+        for r, reward in zip(batch.rollouts, rewards.tolist()):
+            if not math.isnan(reward):
+                sums[r.prompt_index] += reward
+                counts[r.prompt_index] += 1
+        values = sums / counts.clamp(min=1)
+        self._metric("spo/mc_rollouts", float(len(batch.rollouts)))
+        self._metric("spo/mc_states", float(len(ordered)))
+        self._metric("spo/mc_tokens", float(sum(len(r.completion_ids) for r in batch.rollouts)))
+        for key in ("peak_kv_bytes", "prefill_tokens"):
+            if key in batch.stats:
+                self._metric(f"spo/mc_{key}", float(batch.stats[key]))
+        return [values[torch.tensor(row, dtype=torch.long)] if row else torch.zeros(0) for row in keys]
+
+    def make_samples(self, rows: list[int], step: int) -> list[Sample]:
+        rollouts, rewards = self.generate_groups(rows, step)
+        boundaries = [self.partition(r) for r in rollouts]
+        if self.args.max_mc_states_per_step is not None:
+            boundaries = thin_boundaries(boundaries, self.args.max_mc_states_per_step)
+        started = time.perf_counter()
+        values = self.state_values(rows, rollouts, boundaries, step)
+        self._metric("timing/monte_carlo", time.perf_counter() - started)
+        samples = []
+        abs_advantages = []
+        for rollout, reward, cuts, state_values in zip(rollouts, rewards.tolist(), boundaries, values):
+            if math.isnan(reward) or not rollout.completion_ids:
+                continue
+            advantages = segment_advantages(cuts, state_values, reward, len(rollout.completion_ids))
+            abs_advantages.append(advantages.abs().mean().item())
+            samples.append(Sample(prompt_ids=rollout.prompt_ids, completion_ids=rollout.completion_ids,
+                                  behaviour_logprobs=rollout.logprobs, advantages=advantages, reward=reward,
+                                  step=step, group=rollout.prompt_index,
+                                  truncated=rollout.finish_reason == "length"))
+        self._metric("spo/num_segments", sum(b.numel() for b in boundaries) / max(1, len(boundaries)))
+        self._metric("spo/mean_abs_advantage", sum(abs_advantages) / max(1, len(abs_advantages)))
+        return samples

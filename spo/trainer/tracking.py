@@ -1,0 +1,87 @@
+"""Metrics: accelerate's trackers (wandb, offline when there is no account or network), a local JSONL, completions,
+and a PNG of the learning curve for people who do not use wandb."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+CURVE_KEYS = ("reward", "eval/accuracy")
+
+
+def wandb_mode() -> str:
+    """wandb runs offline unless the user configured it to sync (an explicit WANDB_MODE, or an API key)."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+class MetricsLog:
+    """``metrics.jsonl`` and ``completions.jsonl`` in the output folder, plus ``learning_curve.png``."""
+
+    def __init__(self, output_dir: Path, enabled: bool):
+        self.output_dir = output_dir
+        self.enabled = enabled
+        self.metrics_path = output_dir / "metrics.jsonl"
+        self.completions_path = output_dir / "completions.jsonl"
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: forget what was logged after the checkpoint's step (it will be logged again)."""
+        if not self.enabled:
+            return
+        for path in (self.metrics_path, self.completions_path):
+            if path.is_file():
+                kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+                path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.metrics_path, "a") as handle:
+            handle.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    def write_completions(self, step: int, rows: list[dict]) -> None:
+        if not self.enabled or not rows:
+            return
+        with open(self.completions_path, "a") as handle:
+            for row in rows:
+                handle.write(json.dumps({"step": step, **row}) + "\n")
+
+    def history(self) -> list[dict]:
+        if not self.metrics_path.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
+
+    def plot(self) -> Path | None:
+        """Learning curve: training reward (and held-out accuracy when evaluated) per step."""
+        if not self.enabled:
+            return None
+        history = self.history()
+        series = {key: [(r["step"], r[key]) for r in history if isinstance(r.get(key), (int, float))
+                        and not math.isnan(r[key])] for key in CURVE_KEYS}
+        if not any(series.values()):
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, axis = plt.subplots(figsize=(7, 4))
+        for key, points in series.items():
+            if points:
+                steps, values = zip(*points)
+                axis.plot(steps, values, marker="o" if len(points) < 30 else None, label=key)
+        axis.set_xlabel("step")
+        axis.set_ylabel("reward / accuracy")
+        axis.grid(alpha=0.3)
+        axis.legend()
+        figure.tight_layout()
+        path = self.output_dir / "learning_curve.png"
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        return path

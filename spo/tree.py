@@ -1,0 +1,110 @@
+"""Tree rollouts for SPO-tree and their hierarchical values (ALGORITHMS.md 1.5), independent of the trainer.
+
+A tree per prompt: level i grows ``branching[i]`` children from every open node of level i-1 by continuing the
+node's text; every level but the last stops after ``segment_length`` tokens, the last runs to the end. A child
+that finishes early is a leaf. ``V(leaf) = reward``, ``V(node) = mean over its children of V(child)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class TreeNode:
+    prompt_index: int
+    depth: int  # 0 = root (the bare prompt)
+    tokens: list[int] = field(default_factory=list)  # this node's segment
+    logprobs: torch.Tensor | None = None
+    text: str = ""
+    finished: bool = False  # reached EOS / a stop string
+    parent: "TreeNode | None" = None
+    children: list["TreeNode"] = field(default_factory=list)
+    value: float | None = None
+    reward: float | None = None
+
+    def path_tokens(self) -> list[int]:
+        """Response tokens from the root to this node (inclusive)."""
+        nodes, node = [], self
+        while node is not None and node.depth > 0:
+            nodes.append(node)
+            node = node.parent
+        return [t for n in reversed(nodes) for t in n.tokens]
+
+    def path_text(self) -> str:
+        nodes, node = [], self
+        while node is not None and node.depth > 0:
+            nodes.append(node)
+            node = node.parent
+        return "".join(n.text for n in reversed(nodes))
+
+    @property
+    def is_leaf(self) -> bool:
+        return not self.children
+
+
+def grow_tree(generator, prompt_ids: list[list[int]], branching: list[int], segment_length: int,
+              max_completion_length: int, params) -> tuple[list[TreeNode], dict]:
+    """Build one tree per prompt with ``generator`` (a ``spo.rollout.Generator``). Returns the roots and generation
+    statistics (rollouts, tokens)."""
+    roots = [TreeNode(prompt_index=i, depth=0) for i in range(len(prompt_ids))]
+    frontier = roots
+    stats = {"rollouts": 0, "tokens": 0}
+    for level, width in enumerate(branching):
+        if not frontier:
+            break
+        last = level == len(branching) - 1
+        used = level * segment_length
+        params.max_new_tokens = (max_completion_length - used) if last else segment_length
+        states = [(prompt_ids[node.prompt_index], node.path_tokens()) for node in frontier]
+        batch = generator.continue_from(states, params, k=width)
+        next_frontier = []
+        for rollout in sorted(batch.rollouts, key=lambda r: r.prompt_index):
+            parent = frontier[rollout.prompt_index]
+            child = TreeNode(prompt_index=parent.prompt_index, depth=level + 1, tokens=list(rollout.completion_ids),
+                             logprobs=rollout.logprobs, text=rollout.text, finished=rollout.finish_reason == "stop",
+                             parent=parent)
+            parent.children.append(child)
+            stats["rollouts"] += 1
+            stats["tokens"] += len(child.tokens)
+            if not (child.finished or last):
+                next_frontier.append(child)
+        frontier = next_frontier
+    return roots, stats
+
+
+def leaves(root: TreeNode) -> list[TreeNode]:
+    if root.is_leaf:
+        return [root] if root.depth > 0 else []
+    return [leaf for child in root.children for leaf in leaves(child)]
+
+
+def hierarchical_values(root: TreeNode) -> float:
+    """Fill ``value`` bottom-up: a leaf's reward, else the mean of its children's values. Returns the root's."""
+    if root.is_leaf:
+        if root.reward is None:
+            raise ValueError("every leaf needs a reward before values are computed")
+        root.value = float(root.reward)
+    else:
+        root.value = sum(hierarchical_values(child) for child in root.children) / len(root.children)
+    return root.value
+
+
+def edges(root: TreeNode, normalize_by_sibling_std: bool = False) -> list[tuple[TreeNode, float]]:
+    """Every parent -> child edge with advantage ``V(child) - V(parent)`` (optionally divided by the siblings'
+    std + 1e-8); edges with zero advantage are dropped."""
+    out = []
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if node.children:
+            values = torch.tensor([c.value for c in node.children], dtype=torch.float64)
+            scale = float(values.std(unbiased=False)) + 1e-8 if normalize_by_sibling_std else 1.0
+            for child in node.children:
+                advantage = (child.value - node.value) / scale
+                if abs(advantage) > 1e-12:
+                    out.append((child, advantage))
+                stack.append(child)
+    return out

@@ -1,0 +1,230 @@
+"""End-to-end trainer runs on a tiny random model (fast) and on the embedded model (dry run)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from spo.config import load_config
+from spo.data import make_arithmetic_task
+from spo.models import tiny_model
+from spo.trainer import GRPOConfig, GRPOTrainer
+from spo.trainer.config import SPOChainConfig, SPOTreeConfig
+from spo.trainer.run import Recipe, peft_config, trainer_config
+from spo.trainer.spo_chain import SPOChainTrainer
+from spo.trainer.spo_tree import SPOTreeTrainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def digit_share(completions, **kwargs):
+    """A dense reward a random model can move: the share of digits in the completion."""
+    return [sum(ch.isdigit() for ch in c) / max(1, len(c)) for c in completions]
+
+
+def _common(tmp_path, **overrides):
+    base = dict(output_dir=str(tmp_path / "run"), max_steps=2, prompts_per_step=2, num_generations=4,
+                max_completion_length=12, temperature=1.0, top_p=1.0, learning_rate=1e-3,
+                per_device_train_batch_size=4, report_to=["none"], save_steps=None, seed=0)
+    base.update(overrides)
+    return base
+
+
+@pytest.fixture(scope="module")
+def task():
+    return make_arithmetic_task("train", 16)
+
+
+def test_grpo_trains_and_writes_everything(tmp_path, task, embedded_tokenizer):
+    from peft import LoraConfig
+
+    args = GRPOConfig(**_common(tmp_path, beta=0.1, num_iterations=2))
+    trainer = GRPOTrainer(model=tiny_model(seed=0), reward_funcs=[digit_share], args=args, train_dataset=task,
+                          processing_class=embedded_tokenizer,
+                          peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    before = {n: p.detach().clone() for n, p in trainer.unwrapped.named_parameters() if p.requires_grad}
+    history = trainer.train()
+    assert [h["step"] for h in history] == [1, 2]
+    for key in ("reward", "reward_std", "frac_reward_zero_std", "kl", "entropy", "completions/mean_length",
+                "completions/clipped_ratio", "timing/rollout", "timing/update", "perf/tokens_per_second",
+                "rewards/digit_share/mean", "clip_ratio/low_mean", "is/logprob_gap"):
+        assert key in history[-1], key
+    assert history[-1]["kl"] > 0  # the adapters moved away from the reference (adapters disabled)
+    changed = [n for n, p in trainer.unwrapped.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert changed
+    out = Path(args.output_dir)
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "metrics.jsonl").is_file() and (out / "learning_curve.png").is_file()
+    assert (out / "checkpoint-2" / "COMPLETE").is_file()
+    assert len((out / "completions.jsonl").read_text().splitlines()) == 2 * 2 * 4
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "dr_grpo"])
+def test_baselines_run(tmp_path, task, embedded_tokenizer, estimator):
+    args = GRPOConfig(**_common(tmp_path, max_steps=1, advantage_estimator=estimator, loss_type="dr_grpo"))
+    history = GRPOTrainer(model=tiny_model(seed=1), reward_funcs=[digit_share], args=args, train_dataset=task,
+                          processing_class=embedded_tokenizer).train()
+    assert history[0]["loss"] == history[0]["loss"]  # not NaN
+
+
+def test_spo_chain_values_segments_by_monte_carlo(tmp_path, task, embedded_tokenizer):
+    from lora_shards import MoSConfig
+
+    args = SPOChainConfig(**_common(tmp_path, mc_samples=3, cutpoint_interval=2, max_steps=1,
+                                    kv_policy="lazy", kv_budget=0.5, use_sample_buffer=True))
+    trainer = SPOChainTrainer(model=tiny_model(seed=2), reward_funcs=[digit_share], args=args, train_dataset=task,
+                              processing_class=embedded_tokenizer,
+                              peft_config=MoSConfig(r=4, equivalent_rank=2, shards_per_vector=2, private_rank=1,
+                                                    target_modules=["q_proj", "v_proj"]))
+    history = trainer.train()
+    metrics = history[-1]
+    # a random model at T=1 has many low-probability tokens: several segments, K continuations per state
+    assert metrics["spo/num_segments"] >= 1
+    assert metrics["spo/mc_rollouts"] == metrics["spo/mc_states"] * 3
+    assert 0 < metrics["spo/masked_token_fraction"] <= 1
+    assert "timing/monte_carlo" in metrics and "ssb/size" in metrics and "kv/peak_kv_bytes" in metrics
+
+
+def test_spo_tree_trains_on_edges(tmp_path, task, embedded_tokenizer):
+    args = SPOTreeConfig(**_common(tmp_path, branching=[2, 2], segment_length=4, max_steps=1, num_generations=1))
+    history = SPOTreeTrainer(model=tiny_model(seed=3), reward_funcs=[digit_share], args=args, train_dataset=task,
+                             processing_class=embedded_tokenizer).train()
+    metrics = history[-1]
+    assert metrics["tree/rollouts"] <= 2 * (2 + 4) and metrics["tree/leaves"] >= 2
+    assert metrics["tree/edges_kept"] <= metrics["tree/edges"]
+
+
+def test_config_rejects_impossible_values():
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        GRPOConfig(temperature=0)
+    with pytest.raises(ValueError, match="leaves no room for the last level"):
+        SPOTreeConfig(branching=[2, 2, 2], segment_length=100, max_completion_length=150)
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_recipe_is_valid(recipe):
+    config = load_config(Recipe, recipe)
+    trainer_config(config)
+    peft_config(config.peft)
+
+
+def test_recipe_errors_name_the_key(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("algorithm: spo_chain\ntrain: {learnin_rate: 1.0}\n")
+    from spo.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown config key 'train.learnin_rate'. Did you mean 'learning_rate'"):
+        trainer_config(load_config(Recipe, path))
+    with pytest.raises(ConfigError, match="peft.rank.*Did you mean 'r'"):
+        peft_config({"type": "lora", "rank": 4})
+
+
+def _run_cli(args, env_extra=None, **kwargs):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONHASHSEED": "0", **(env_extra or {})}
+    return subprocess.Popen([sys.executable, "-m", "spo.cli", "train", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+TINY_RECIPE = """
+algorithm: grpo
+model: {model}
+dataset: {{source: "builtin:arithmetic", split: train, limit: 32}}
+reward_funcs: [format]
+peft: {{type: lora, r: 4, target_modules: [q_proj, v_proj]}}
+evaluate_after: false
+train:
+  output_dir: {out}
+  max_steps: 4
+  prompts_per_step: 2
+  num_generations: 4
+  max_completion_length: 10
+  temperature: 1.0
+  top_p: 1.0
+  learning_rate: 1.0e-3
+  save_steps: 2
+  report_to: [{report}]
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, embedded_tokenizer):
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_model(seed=5).save_pretrained(path)
+    embedded_tokenizer.save_pretrained(path)
+    return path
+
+
+def _metrics(path: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith(("timing/", "perf/"))} for r in rows]
+
+
+def test_killed_run_resumes_with_identical_metrics(tmp_path, tiny_model_dir):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    for out in (straight, killed):
+        (tmp_path / f"{out.name}.yaml").write_text(TINY_RECIPE.format(model=tiny_model_dir, out=out, report="none"))
+    assert _run_cli([str(tmp_path / "straight.yaml")]).wait(timeout=600) == 0
+
+    process = _run_cli([str(tmp_path / "killed.yaml")])
+    deadline = time.time() + 600
+    while not (killed / "checkpoint-2" / "COMPLETE").is_file():
+        assert process.poll() is None and time.time() < deadline, process.stdout.read()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "adapter").exists()  # it really died before the end
+    resumed = _run_cli([str(tmp_path / "killed.yaml"), "--resume"])
+    output = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, output
+    assert "resumed from" in output
+    assert _metrics(killed) == _metrics(straight)
+
+
+def test_wandb_offline_run_directory(tmp_path, tiny_model_dir):
+    (tmp_path / "w.yaml").write_text(TINY_RECIPE.format(model=tiny_model_dir, out=tmp_path / "w", report="wandb"))
+    process = _run_cli([str(tmp_path / "w.yaml"), "--train.max_steps", "1"])
+    output = process.communicate(timeout=600)[0]
+    assert process.returncode == 0, output
+    runs = list((tmp_path / "w" / "wandb").glob("offline-run-*"))
+    assert runs, output
+    assert list(runs[0].glob("*.wandb"))
+
+
+def test_unwritable_output_dir_fails_before_training(tmp_path, task, embedded_tokenizer):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    args = GRPOConfig(**_common(tmp_path, output_dir=str(blocker / "run")))
+    with pytest.raises(OSError, match="is not writable"):
+        GRPOTrainer(model=tiny_model(), reward_funcs=[digit_share], args=args, train_dataset=task,
+                    processing_class=embedded_tokenizer)
+
+
+def test_quickstart_recipe_dry_run_on_the_embedded_model(tmp_path):
+    process = _run_cli(["recipes/quickstart.yaml", "--dry-run", "--train.output_dir", str(tmp_path / "q")])
+    output = process.communicate(timeout=900)[0]
+    assert process.returncode == 0, output
+    assert (tmp_path / "q-dry-run" / "adapter" / "adapter_model.safetensors").is_file(), output
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_keep_identical_adapters(tmp_path, tiny_model_dir):
+    script = ROOT / "tests" / "scripts" / "ddp_train.py"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+                             str(script), str(tiny_model_dir), str(tmp_path)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    from safetensors.torch import load_file
+
+    ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys() and ranks[0]
+    for name in ranks[0]:
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+    initial = load_file(str(tmp_path / "initial.safetensors"))
+    assert any(not torch.equal(initial[n], ranks[0][n]) for n in initial)  # training changed them

@@ -1,0 +1,70 @@
+import pytest
+import torch
+
+from spo.trainer.spo_chain import thin_boundaries
+from spo.tree import TreeNode, edges, hierarchical_values, leaves
+
+
+def _node(parent, reward=None, tokens=(1,)):
+    child = TreeNode(prompt_index=0, depth=parent.depth + 1, tokens=list(tokens), parent=parent, reward=reward)
+    parent.children.append(child)
+    return child
+
+
+def test_hierarchical_mean_not_flat_mean():
+    # root -> a (leaves 1, 1, 1), b (leaves 1, 0, 1), c (leaves 0, 0, 0)
+    root = TreeNode(prompt_index=0, depth=0)
+    for rewards in ([1, 1, 1], [1, 0, 1], [0, 0, 0]):
+        middle = _node(root)
+        for r in rewards:
+            _node(middle, reward=r)
+    assert hierarchical_values(root) == pytest.approx(5 / 9)
+    assert [c.value for c in root.children] == pytest.approx([1, 2 / 3, 0])
+    advantages = {id(child): a for child, a in edges(root)}
+    assert advantages[id(root.children[0])] == pytest.approx(4 / 9)
+    assert advantages[id(root.children[1])] == pytest.approx(2 / 3 - 5 / 9)
+    assert advantages[id(root.children[2])] == pytest.approx(-5 / 9)
+    # zero-advantage edges are dropped: all leaves under a (value 1) and c (value 0) equal their parent
+    assert len(edges(root)) == 3 + 3  # three root edges + the three leaves under b
+    assert len(leaves(root)) == 9
+
+
+def test_unbalanced_tree_with_an_early_leaf():
+    root = TreeNode(prompt_index=0, depth=0)
+    _node(root, reward=1.0)  # finished before its budget: a leaf at depth 1
+    deep = _node(root)
+    _node(deep, reward=0.0)
+    _node(deep, reward=0.0)
+    assert hierarchical_values(root) == pytest.approx(0.5)
+    advantages = sorted(a for _, a in edges(root))
+    assert advantages == pytest.approx([-0.5, 0.5])
+
+
+def test_sibling_std_normalisation():
+    root = TreeNode(prompt_index=0, depth=0)
+    _node(root, reward=1.0)
+    _node(root, reward=0.0)
+    hierarchical_values(root)
+    normalised = sorted(a for _, a in edges(root, normalize_by_sibling_std=True))
+    assert normalised == pytest.approx([-1.0, 1.0], rel=1e-6)  # (±0.5) / std 0.5
+
+
+def test_leaf_without_reward_is_an_error():
+    root = TreeNode(prompt_index=0, depth=0)
+    _node(root)
+    with pytest.raises(ValueError, match="every leaf needs a reward"):
+        hierarchical_values(root)
+
+
+def test_path_tokens_concatenate_segments():
+    root = TreeNode(prompt_index=0, depth=0)
+    a = _node(root, tokens=(1, 2))
+    b = _node(a, tokens=(3,))
+    assert b.path_tokens() == [1, 2, 3] and root.path_tokens() == []
+
+
+def test_mc_cost_cap_thins_the_longest_partition_first():
+    lists = [torch.arange(8), torch.arange(2), torch.tensor([], dtype=torch.long)]
+    thinned = thin_boundaries(lists, cap=6)
+    assert sum(t.numel() for t in thinned) <= 6
+    assert thinned[0].tolist() == [0, 2, 4, 6] and thinned[1].tolist() == [0, 1]
