@@ -41,7 +41,7 @@ def export_to_lora(model: PeftModel, output_dir: str | os.PathLike, adapter_name
     if not module_names:
         raise ValueError(f"the model has no MoS layers of adapter {adapter_name!r}")
     # modules_to_save (trained copies of whole modules) use the same checkpoint keys in LoRA
-    for key, value in get_peft_model_state_dict(model, adapter_name=adapter_name).items():
+    for key, value in get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False).items():
         if ".mos_pools." not in key and ".mos_index_" not in key:
             weights[key] = value.detach().to("cpu").contiguous()
 

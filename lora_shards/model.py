@@ -23,7 +23,7 @@ from torch import nn
 
 from .config import MoSConfig
 from .layer import Linear, MoSLayer, ShardPool
-from .routing import check_capacity, check_divisible, init_pools, pool_num_shards, routing_indices
+from .routing import check_divisible, init_pools, pool_num_shards, routing_indices
 
 POOLS_ATTRIBUTE = "mos_pools"
 
@@ -48,7 +48,7 @@ class MoSModel(BaseTuner):
         self.mos_pools = nn.ModuleDict({})
 
     def _create_and_replace(self, config: MoSConfig, adapter_name: str, target: nn.Module, target_name: str,
-                            parent: nn.Module, current_key: str, **optional_kwargs) -> None:
+                            parent: nn.Module, current_key: str) -> None:
         layer_args = dict(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                           shard_type=target_name)
         if isinstance(target, MoSLayer):
@@ -96,11 +96,11 @@ class MoSModel(BaseTuner):
         for type_key, layers in self._layers_by_type(model, adapter_name).items():
             num_matrices, d_in, d_out = len(layers), layers[0].in_features, layers[0].out_features
             check_divisible(type_key, d_in, d_out, l)
-            check_capacity(type_key, num_matrices, big_r, r, p)
             generator = torch.Generator(device="cpu").manual_seed(type_seed(config.seed, type_key))
             index_a, index_b = routing_indices(
                 num_matrices, equivalent_rank=big_r, r=r, shards_per_vector=l, private_rank=p, generator=generator,
                 subset_selection=config.subset_selection, pair_dissociation=config.pair_dissociation,
+                type_key=type_key,
             )
             num_shards = pool_num_shards(num_matrices, big_r, l)
             device = layers[0].get_base_layer().weight.device

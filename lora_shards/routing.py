@@ -60,14 +60,16 @@ def routing_indices(
     generator: torch.Generator,
     subset_selection: bool = True,
     pair_dissociation: bool = True,
+    type_key: str = "this projection type",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The fixed routing of one projection type: two int64 tensors of shape ``(L, r * l)`` (A, then B).
 
     Row ``i`` lists the pool shards of matrix ``i``: ``(r - p) * l`` public shards (a random subset, or the
     first ones when ``subset_selection`` is off) then the matrix's private block. With ``pair_dissociation``
     off, B reuses A's index. Draws come from ``generator`` in a fixed order (matrix by matrix, A before B).
+    ``type_key`` names the projection type in the error raised when ``(r - p) > (R - p) * L``.
     """
-    check_capacity("this projection type", num_matrices, equivalent_rank, r, private_rank)
+    check_capacity(type_key, num_matrices, equivalent_rank, r, private_rank)
     l, p = shards_per_vector, private_rank
     num_public = (equivalent_rank - p) * num_matrices * l
     num_drawn = (r - p) * l

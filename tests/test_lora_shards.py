@@ -123,7 +123,8 @@ def test_llama2_7b_trainable_parameters_match_lora(big_r, expected):
         return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     with torch.device("meta"):
-        lora = get_peft_model(AutoModelForCausalLM.from_config(config), LoraConfig(r=big_r, target_modules=ALL_PROJECTIONS))
+        lora = get_peft_model(AutoModelForCausalLM.from_config(config),
+                              LoraConfig(r=big_r, target_modules=ALL_PROJECTIONS))
     assert count(lora) == expected
     for r, l, p in [(big_r, 1, 0), (4 * big_r, 4, 1), (32, 2, 1)]:
         with torch.device("meta"):
@@ -221,14 +222,15 @@ def test_save_load_roundtrip_restores_sharing_and_keeps_training(tokens, tmp_pat
     assert sum(sharing.values()) >= 2 and not all(sharing.values())  # both cases occur
 
 
-def test_load_with_low_cpu_mem_usage(mos_model, tokens, tmp_path):
+def test_load_with_low_cpu_mem_usage_under_another_name(mos_model, tokens, tmp_path):
     expected = logits(mos_model, tokens)
     mos_model.save_pretrained(tmp_path)
-    loaded = PeftModel.from_pretrained(tiny_model(seed=0, layers=4), tmp_path, low_cpu_mem_usage=True)
+    loaded = PeftModel.from_pretrained(tiny_model(seed=0, layers=4), tmp_path, adapter_name="trained",
+                                       low_cpu_mem_usage=True)
     assert torch.equal(logits(loaded, tokens), expected)
-    pools = shard_pools(loaded)
+    pools = shard_pools(loaded, "trained")
     assert not any(p.requires_grad for p in loaded.parameters())  # is_trainable=False: inference mode
-    assert all(layer.mos_shards["default"] is pools[name.rsplit(".", 1)[1]] for name, layer in mos_layers(loaded))
+    assert all(layer.mos_shards["trained"] is pools[name.rsplit(".", 1)[1]] for name, layer in mos_layers(loaded))
 
 
 def test_merge_and_unload_is_exact(mos_model, tokens):
@@ -271,7 +273,8 @@ assert "lora_shards" not in sys.modules
 with torch.no_grad():
     torch.save(model(torch.load({str(tmp_path / 'tokens.pt')!r})).logits, {str(tmp_path / 'out.pt')!r})
 """
-    subprocess.run([sys.executable, "-c", script], check=True, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": REPO_ROOT})
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=REPO_ROOT,
+                   env={**os.environ, "PYTHONPATH": REPO_ROOT})
     assert torch.allclose(torch.load(tmp_path / "out.pt"), expected, atol=1e-5)
 
 
@@ -286,6 +289,11 @@ def test_second_adapter_gets_its_own_frozen_pools(mos_model, tokens):
     with mos_model.disable_adapter():
         base = logits(mos_model, tokens)
     assert torch.equal(logits(mos_model, tokens), base) and not torch.equal(before, base)
+    mos_model.set_adapter("default")
+    mos_model.delete_adapter("other")
+    assert "other" not in mos_model.base_model.mos_pools
+    assert all("other" not in layer.mos_shards for _, layer in mos_layers(mos_model))
+    assert torch.equal(logits(mos_model, tokens), before)
 
 
 # --- precision and memory --------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """MoS adapters under accelerate DDP: 2 CPU processes (gloo) take one SGD step on their halves of a batch; the
 pools must equal a single-process step on the whole batch, on both ranks, with the sharing intact.
 
-Run as a test (it launches itself): ``pytest -m slow tests/test_lora_shards_ddp.py``.
+Run as a test (it launches itself, about 10 s): ``pytest tests/test_lora_shards_ddp.py``.
 """
 
 from __future__ import annotations
@@ -73,7 +73,6 @@ def worker(out_dir: str) -> None:
         json.dump(result, f)
 
 
-@pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path):
     accelerate = shutil.which("accelerate")
     if accelerate is None:

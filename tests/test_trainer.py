@@ -23,9 +23,9 @@ from spo.trainer.spo_tree import SPOTreeTrainer
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def digit_share(completions, **kwargs):
-    """A dense reward a random model can move: the share of digits in the completion."""
-    return [sum(ch.isdigit() for ch in c) / max(1, len(c)) for c in completions]
+def vowel_share(completions, **kwargs):
+    """A dense reward a random model can move: the share of vowels in the completion."""
+    return [sum(ch in "aeiou" for ch in c) / max(1, len(c)) for c in completions]
 
 
 def _common(tmp_path, **overrides):
@@ -45,7 +45,7 @@ def test_grpo_trains_and_writes_everything(tmp_path, task, embedded_tokenizer):
     from peft import LoraConfig
 
     args = GRPOConfig(**_common(tmp_path, beta=0.1, num_iterations=2))
-    trainer = GRPOTrainer(model=tiny_model(seed=0), reward_funcs=[digit_share], args=args, train_dataset=task,
+    trainer = GRPOTrainer(model=tiny_model(seed=0), reward_funcs=[vowel_share], args=args, train_dataset=task,
                           processing_class=embedded_tokenizer,
                           peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     before = {n: p.detach().clone() for n, p in trainer.unwrapped.named_parameters() if p.requires_grad}
@@ -53,7 +53,7 @@ def test_grpo_trains_and_writes_everything(tmp_path, task, embedded_tokenizer):
     assert [h["step"] for h in history] == [1, 2]
     for key in ("reward", "reward_std", "frac_reward_zero_std", "kl", "entropy", "completions/mean_length",
                 "completions/clipped_ratio", "timing/rollout", "timing/update", "perf/tokens_per_second",
-                "rewards/digit_share/mean", "clip_ratio/low_mean", "is/logprob_gap"):
+                "rewards/vowel_share/mean", "clip_ratio/low_mean", "is/logprob_gap"):
         assert key in history[-1], key
     assert history[-1]["kl"] > 0  # the adapters moved away from the reference (adapters disabled)
     changed = [n for n, p in trainer.unwrapped.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
@@ -68,7 +68,7 @@ def test_grpo_trains_and_writes_everything(tmp_path, task, embedded_tokenizer):
 @pytest.mark.parametrize("estimator", ["rloo", "dr_grpo"])
 def test_baselines_run(tmp_path, task, embedded_tokenizer, estimator):
     args = GRPOConfig(**_common(tmp_path, max_steps=1, advantage_estimator=estimator, loss_type="dr_grpo"))
-    history = GRPOTrainer(model=tiny_model(seed=1), reward_funcs=[digit_share], args=args, train_dataset=task,
+    history = GRPOTrainer(model=tiny_model(seed=1), reward_funcs=[vowel_share], args=args, train_dataset=task,
                           processing_class=embedded_tokenizer).train()
     assert history[0]["loss"] == history[0]["loss"]  # not NaN
 
@@ -78,9 +78,9 @@ def test_spo_chain_values_segments_by_monte_carlo(tmp_path, task, embedded_token
 
     args = SPOChainConfig(**_common(tmp_path, mc_samples=3, cutpoint_interval=2, max_steps=1,
                                     kv_policy="lazy", kv_budget=0.5, use_sample_buffer=True))
-    trainer = SPOChainTrainer(model=tiny_model(seed=2), reward_funcs=[digit_share], args=args, train_dataset=task,
+    trainer = SPOChainTrainer(model=tiny_model(seed=2), reward_funcs=[vowel_share], args=args, train_dataset=task,
                               processing_class=embedded_tokenizer,
-                              peft_config=MoSConfig(r=4, equivalent_rank=2, shards_per_vector=2, private_rank=1,
+                              peft_config=MoSConfig(r=4, equivalent_rank=3, shards_per_vector=2, private_rank=1,
                                                     target_modules=["q_proj", "v_proj"]))
     history = trainer.train()
     metrics = history[-1]
@@ -93,7 +93,7 @@ def test_spo_chain_values_segments_by_monte_carlo(tmp_path, task, embedded_token
 
 def test_spo_tree_trains_on_edges(tmp_path, task, embedded_tokenizer):
     args = SPOTreeConfig(**_common(tmp_path, branching=[2, 2], segment_length=4, max_steps=1, num_generations=1))
-    history = SPOTreeTrainer(model=tiny_model(seed=3), reward_funcs=[digit_share], args=args, train_dataset=task,
+    history = SPOTreeTrainer(model=tiny_model(seed=3), reward_funcs=[vowel_share], args=args, train_dataset=task,
                              processing_class=embedded_tokenizer).train()
     metrics = history[-1]
     assert metrics["tree/rollouts"] <= 2 * (2 + 4) and metrics["tree/leaves"] >= 2
@@ -121,8 +121,8 @@ def test_recipe_errors_name_the_key(tmp_path):
 
     with pytest.raises(ConfigError, match="unknown config key 'train.learnin_rate'. Did you mean 'learning_rate'"):
         trainer_config(load_config(Recipe, path))
-    with pytest.raises(ConfigError, match="peft.rank.*Did you mean 'r'"):
-        peft_config({"type": "lora", "rank": 4})
+    with pytest.raises(ConfigError, match="peft.lora_alfa' for lora. Did you mean 'lora_alpha'"):
+        peft_config({"type": "lora", "lora_alfa": 4})
 
 
 def _run_cli(args, env_extra=None, **kwargs):
@@ -201,7 +201,7 @@ def test_unwritable_output_dir_fails_before_training(tmp_path, task, embedded_to
     blocker.write_text("x")
     args = GRPOConfig(**_common(tmp_path, output_dir=str(blocker / "run")))
     with pytest.raises(OSError, match="is not writable"):
-        GRPOTrainer(model=tiny_model(), reward_funcs=[digit_share], args=args, train_dataset=task,
+        GRPOTrainer(model=tiny_model(), reward_funcs=[vowel_share], args=args, train_dataset=task,
                     processing_class=embedded_tokenizer)
 
 

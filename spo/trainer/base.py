@@ -121,6 +121,7 @@ class RLTrainer:
                                                 max_age=args.buffer_max_age,
                                                 target_fraction=args.buffer_target_fraction, seed=args.seed)
         self.step = 0
+        self.tokens_generated = 0  # over all processes, rollouts and Monte Carlo continuations alike
         self.data_epoch = 0
         self.data_position = 0
         self.metrics_log = MetricsLog(self.output_dir, enabled=self.accelerator.is_main_process)
@@ -193,6 +194,7 @@ class RLTrainer:
         batch = self.generator.generate([self.prompt_ids[i] for i in rows], self.sampling_params(step),
                                         num_return_sequences=self.args.num_generations)
         rollouts = sorted(batch.rollouts, key=lambda r: r.prompt_index)
+        self.count_generated(rollouts)
         rewards = self.score_completions([rows[r.prompt_index] for r in rollouts], [r.text for r in rollouts],
                                          [r.completion_ids for r in rollouts])
         self.record_rollout_metrics(rewards, rollouts, [r.prompt_index for r in rollouts], batch.stats)
@@ -227,10 +229,17 @@ class RLTrainer:
             self._metric("timing/step", time.perf_counter() - started)
             self._metric("learning_rate", self.scheduler.get_last_lr()[0])
             self.step = step + 1
+            local_tokens = torch.tensor(float(self._metrics.get("tokens/step", 0.0)), device=self.accelerator.device)
+            self.tokens_generated += int(self.accelerator.reduce(local_tokens, reduction="sum").item())
+            self._metric("tokens/generated_total", float(self.tokens_generated))
             if args.eval_steps and self.eval_dataset is not None and self.step % args.eval_steps == 0:
                 self._metrics.update({f"eval/{k}": v for k, v in self.evaluate().items()})
-            if self.step % args.logging_steps == 0 or self.step == args.max_steps:
-                self._log(samples)
+            budget_reached = args.max_generated_tokens is not None and self.tokens_generated >= args.max_generated_tokens
+            if self.step % args.logging_steps == 0 or self.step == args.max_steps or budget_reached:
+                self._log()
+            if args.max_generated_tokens is not None and self.tokens_generated >= args.max_generated_tokens:
+                logger.info("token budget of %d reached at step %d", args.max_generated_tokens, self.step)
+                break
             if args.save_steps and self.step % args.save_steps == 0 and self.step < args.max_steps:
                 self.save_checkpoint()
         self.save_checkpoint()
@@ -406,6 +415,10 @@ class RLTrainer:
     def _metric(self, key: str, value: float) -> None:
         self._metrics[key] = float(value)
 
+    def count_generated(self, rollouts) -> None:
+        """Add sampled tokens to this step's count (the budget of ``max_generated_tokens``)."""
+        self._metrics["tokens/step"] = self._metrics.get("tokens/step", 0.0) + sum(len(r.completion_ids) for r in rollouts)
+
     def record_rollout_metrics(self, rewards: torch.Tensor, rollouts, group_ids: list[int], stats: dict) -> None:
         valid = rewards[~torch.isnan(rewards)]
         self._metric("reward", valid.mean().item() if valid.numel() else float("nan"))
@@ -429,14 +442,14 @@ class RLTrainer:
         self._completions = [{"prompt": self.tokenizer.decode(r.prompt_ids, skip_special_tokens=False)[-300:],
                               "completion": r.text, "reward": float(x)} for r, x in zip(rollouts, rewards.tolist())]
 
-    def _log(self, samples) -> None:
+    def _log(self) -> None:
         keys = sorted(self._metrics)
         values = torch.tensor([self._metrics[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
         values = self.accelerator.reduce(values, reduction="mean")
         metrics = dict(zip(keys, values.tolist()))
-        tokens = metrics.get("completions/mean_length", 0) * len(samples) * self.accelerator.num_processes
-        if metrics.get("timing/step"):
-            metrics["perf/tokens_per_second"] = tokens / metrics["timing/step"]
+        if metrics.get("timing/step"):  # sampled tokens of all processes per second of the step
+            metrics["perf/tokens_per_second"] = (metrics.get("tokens/step", 0.0) * self.accelerator.num_processes
+                                                 / metrics["timing/step"])
         metrics["epoch"] = self.data_epoch + self.data_position / max(1, len(self.train_dataset))
         self.accelerator.log(metrics, step=self.step)
         if self.accelerator.is_main_process:
@@ -495,7 +508,7 @@ class RLTrainer:
         acc.wait_for_everyone()
         final = None
         if acc.is_main_process:
-            state = {"step": self.step, "data_epoch": self.data_epoch, "data_position": self.data_position,
+            state = {"step": self.step, "tokens_generated": self.tokens_generated, "data_epoch": self.data_epoch, "data_position": self.data_position,
                      "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                      "buffer": self._buffer_state(), "algorithm": self.algorithm,
                      "world_size": acc.num_processes}
@@ -534,6 +547,7 @@ class RLTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.data_epoch, self.data_position = state["step"], state["data_epoch"], state["data_position"]
+        self.tokens_generated = state["tokens_generated"]
         if self.buffer is not None and state.get("buffer") is not None:
             buffer_state = dict(state["buffer"])
             buffer_state["entries"] = [(Sample.from_state(s), score, step) for s, score, step in buffer_state["entries"]]

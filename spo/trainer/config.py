@@ -13,6 +13,7 @@ class GRPOConfig:
     run_name: str | None = None
     seed: int = 0
     max_steps: int = 100  # RL iterations: generate -> score -> update
+    max_generated_tokens: int | None = None  # stop earlier once this many tokens were sampled (all processes)
     # generation
     prompts_per_step: int = 8  # over all processes; each process takes an equal share
     num_generations: int = 8  # samples per prompt (the group)

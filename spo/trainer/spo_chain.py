@@ -69,6 +69,7 @@ class SPOChainTrainer(RLTrainer):
         params.max_new_tokens = remaining  # trimmed per state below through the partial's length
         batch = self.generator.continue_from([(list(p), list(c)) for _, p, c in ordered], params, k=k,
                                              max_total_new_tokens=remaining)
+        self.count_generated(batch.rollouts)
         prefix_text = [self.tokenizer.decode(list(c), skip_special_tokens=True) for _, _, c in ordered]
         continuation_rows = [rows[ordered[r.prompt_index][0]] for r in batch.rollouts]
         texts = [prefix_text[r.prompt_index] + r.text for r in batch.rollouts]

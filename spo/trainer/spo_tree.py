@@ -27,6 +27,7 @@ class SPOTreeTrainer(RLTrainer):
         args = self.args
         roots, stats = grow_tree(self.generator, [self.prompt_ids[i] for i in rows], list(args.branching),
                                  args.segment_length, args.max_completion_length, self.sampling_params(step))
+        self._metrics["tokens/step"] = float(stats["tokens"])
         all_leaves = [leaf for root in roots for leaf in leaves(root)]
         rewards = self.score_completions([rows[leaf.prompt_index] for leaf in all_leaves],
                                          [leaf.path_text() for leaf in all_leaves],

@@ -14,8 +14,8 @@ from spo.trainer.config import SPOChainConfig
 from spo.trainer.spo_chain import SPOChainTrainer
 
 
-def digit_share(completions, **kwargs):
-    return [sum(ch.isdigit() for ch in c) / max(1, len(c)) for c in completions]
+def vowel_share(completions, **kwargs):
+    return [sum(ch in "aeiou" for ch in c) / max(1, len(c)) for c in completions]
 
 
 def main(model_dir: str, out: str) -> None:
@@ -24,9 +24,9 @@ def main(model_dir: str, out: str) -> None:
                           max_completion_length=10, temperature=1.0, top_p=1.0, learning_rate=1e-3, mc_samples=2,
                           kv_policy="lazy", kv_budget=0.5, per_device_train_batch_size=4, report_to=["none"],
                           save_steps=None)
-    trainer = SPOChainTrainer(model=load_model(model_dir), reward_funcs=[digit_share], args=args,
+    trainer = SPOChainTrainer(model=load_model(model_dir), reward_funcs=[vowel_share], args=args,
                               train_dataset=make_arithmetic_task("train", 16), processing_class=load_tokenizer(model_dir),
-                              peft_config=MoSConfig(r=4, equivalent_rank=2, shards_per_vector=2, private_rank=1,
+                              peft_config=MoSConfig(r=4, equivalent_rank=3, shards_per_vector=2, private_rank=1,
                                                     target_modules=["q_proj", "v_proj"]))
     rank = trainer.accelerator.process_index
     if rank == 0:

@@ -1,0 +1,134 @@
+"""Our GRPO trainer against TRL's GRPOTrainer on the same work, in one run, on the CPU.
+
+Work: the embedded SmolLM2-135M-Instruct, LoRA rank 16 on all linear projections, 4 prompts x 8 generations per
+step, at most 64 new tokens, temperature 1.0, beta 0, 4 optimizer steps. Prints seconds per step and completion
+tokens per second for both, and the ratio. Then SPO-chain's cost per step broken into generate / Monte Carlo /
+update.
+
+    pip install -e ".[bench]"      # TRL, only for this benchmark
+    python benchmarks/vs_trl.py [--steps 4] [--skip-trl] [--skip-spo]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+import torch  # noqa: E402
+
+from spo.data import make_arithmetic_task  # noqa: E402
+from spo.models import EMBEDDED_MODEL, load_model, load_tokenizer, setup_cpu_math  # noqa: E402
+
+PROMPTS, GENERATIONS, NEW_TOKENS = 4, 8, 64
+
+
+def lora():
+    from peft import LoraConfig
+
+    return LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def dataset(steps: int):
+    return make_arithmetic_task("train", PROMPTS * steps, seed=11)
+
+
+def run_trl(steps: int) -> dict:
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rewards import numeric_accuracy
+
+    tokenizer = load_tokenizer(EMBEDDED_MODEL)
+    model = load_model(EMBEDDED_MODEL)
+    with tempfile.TemporaryDirectory() as out:
+        args = GRPOConfig(output_dir=out, per_device_train_batch_size=PROMPTS * GENERATIONS,
+                          num_generations=GENERATIONS, max_completion_length=NEW_TOKENS, temperature=1.0, beta=0.0,
+                          max_steps=steps, learning_rate=1e-4, logging_steps=1, use_cpu=True, report_to="none",
+                          save_strategy="no", seed=0, bf16=False)
+        trainer = GRPOTrainer(model=model, reward_funcs=numeric_accuracy, args=args, train_dataset=dataset(steps),
+                              processing_class=tokenizer, peft_config=lora())
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
+    logs = [h for h in trainer.state.log_history if "completions/mean_length" in h]
+    tokens = sum(h["completions/mean_length"] * PROMPTS * GENERATIONS for h in logs)
+    return {"seconds_per_step": seconds / steps, "tokens_per_second": tokens / seconds, "tokens": tokens}
+
+
+def run_ours(steps: int, algorithm: str = "grpo") -> dict:
+    from spo.trainer import GRPOConfig, GRPOTrainer
+    from spo.trainer.config import SPOChainConfig
+    from spo.trainer.spo_chain import SPOChainTrainer
+
+    tokenizer = load_tokenizer(EMBEDDED_MODEL)
+    model = load_model(EMBEDDED_MODEL)
+    common = dict(prompts_per_step=PROMPTS, num_generations=GENERATIONS, max_completion_length=NEW_TOKENS,
+                  temperature=1.0, top_p=1.0, beta=0.0, max_steps=steps, learning_rate=1e-4, report_to=["none"],
+                  save_steps=None, per_device_train_batch_size=8, gradient_accumulation_steps=4, seed=0,
+                  log_completions=False)
+    with tempfile.TemporaryDirectory() as out:
+        if algorithm == "grpo":
+            trainer = GRPOTrainer(model=model, reward_funcs=["arithmetic_accuracy"],
+                                  args=GRPOConfig(output_dir=out, **common), train_dataset=dataset(steps),
+                                  processing_class=tokenizer, peft_config=lora())
+        else:
+            trainer = SPOChainTrainer(model=model, reward_funcs=["arithmetic_accuracy"],
+                                      args=SPOChainConfig(output_dir=out, mc_samples=4, **common),
+                                      train_dataset=dataset(steps), processing_class=tokenizer, peft_config=lora())
+        start = time.perf_counter()
+        history = trainer.train()
+        seconds = time.perf_counter() - start
+    rollout_tokens = sum(h["completions/mean_length"] * PROMPTS * GENERATIONS for h in history)
+    result = {"seconds_per_step": seconds / steps, "tokens_per_second": rollout_tokens / seconds,
+              "tokens": rollout_tokens}
+    for key in ("timing/rollout", "timing/monte_carlo", "timing/update", "spo/mc_rollouts", "spo/mc_tokens"):
+        values = [h[key] for h in history if key in h]
+        if values:
+            result[key] = sum(values) / len(values)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--skip-trl", action="store_true")
+    parser.add_argument("--skip-spo", action="store_true")
+    parser.add_argument("--json", help="also write the figures to this file")
+    options = parser.parse_args()
+    setup_cpu_math()
+    torch.manual_seed(0)
+    figures = {"ours_grpo": run_ours(options.steps)}
+    if not options.skip_trl:
+        figures["trl_grpo"] = run_trl(options.steps)
+    if not options.skip_spo:
+        figures["ours_spo_chain"] = run_ours(options.steps, "spo_chain")
+
+    print(f"\nGRPO, {PROMPTS} prompts x {GENERATIONS} generations, <= {NEW_TOKENS} new tokens, LoRA r16, "
+          f"{options.steps} steps, {torch.get_num_threads()} CPU threads")
+    print(f"{'trainer':<16}{'s/step':>10}{'tokens/s':>12}")
+    for name in ("trl_grpo", "ours_grpo"):
+        if name in figures:
+            print(f"{name:<16}{figures[name]['seconds_per_step']:>10.1f}{figures[name]['tokens_per_second']:>12.1f}")
+    if "trl_grpo" in figures:
+        ratio = figures["ours_grpo"]["tokens_per_second"] / figures["trl_grpo"]["tokens_per_second"]
+        step_ratio = figures["trl_grpo"]["seconds_per_step"] / figures["ours_grpo"]["seconds_per_step"]
+        figures["throughput_ratio"] = ratio
+        print(f"ours / TRL: {ratio:.2f}x tokens/s, {step_ratio:.2f}x faster per step")
+    if "ours_spo_chain" in figures:
+        spo = figures["ours_spo_chain"]
+        print(f"\nSPO-chain (K = 4), seconds per step: total {spo['seconds_per_step']:.1f} = rollouts "
+              f"{spo.get('timing/rollout', 0) - spo.get('timing/monte_carlo', 0):.1f} + Monte Carlo "
+              f"{spo.get('timing/monte_carlo', 0):.1f} + update {spo.get('timing/update', 0):.1f} "
+              f"({spo.get('spo/mc_rollouts', 0):.0f} continuations, {spo.get('spo/mc_tokens', 0):.0f} tokens)")
+    if options.json:
+        with open(options.json, "w") as handle:
+            json.dump(figures, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()

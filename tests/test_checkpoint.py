@@ -1,0 +1,67 @@
+import os
+import pickle
+
+import pytest
+import torch
+
+from spo.trainer import checkpoint as ckpt
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['EXPLOIT_MARKER']}",))
+
+
+def _complete_checkpoint(tmp_path, step=2):
+    staging = ckpt.staging_dir(tmp_path, step)
+    staging.mkdir()
+    model = torch.nn.Linear(2, 2)
+    ckpt.write_model_part(staging, model)
+    ckpt.write_rng(staging, 0, {"torch": torch.get_rng_state()})
+    return ckpt.finalize(staging, tmp_path, step, {"step": step}, keep=None), model
+
+
+def test_checkpoint_is_published_whole(tmp_path):
+    final, model = _complete_checkpoint(tmp_path)
+    assert final.name == "checkpoint-2" and (final / "COMPLETE").is_file()
+    assert not list(tmp_path.glob(".checkpoint-*"))
+    other = torch.nn.Linear(2, 2)
+    ckpt.load_model_part(final, other)
+    assert torch.equal(other.weight, model.weight)
+    assert ckpt.load_state(final, "trainer_state.pt") == {"step": 2}
+
+
+def test_partial_and_incomplete_checkpoints_are_ignored(tmp_path):
+    _complete_checkpoint(tmp_path, step=2)
+    ckpt.staging_dir(tmp_path, 4).mkdir()  # a kill during the write of step 4
+    (tmp_path / "checkpoint-6").mkdir()  # a folder without its COMPLETE marker
+    assert ckpt.resolve(tmp_path, "latest").name == "checkpoint-2"
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        ckpt.resolve(tmp_path, str(tmp_path / "checkpoint-6"))
+    ckpt.clean_partials(tmp_path)
+    assert not ckpt.staging_dir(tmp_path, 4).exists()
+
+
+def test_rotation_keeps_the_newest(tmp_path):
+    for step in (1, 2, 3):
+        staging = ckpt.staging_dir(tmp_path, step)
+        staging.mkdir()
+        ckpt.finalize(staging, tmp_path, step, {"step": step}, keep=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
+
+
+def test_a_malicious_pickle_in_a_checkpoint_is_not_executed(tmp_path, monkeypatch):
+    final, _ = _complete_checkpoint(tmp_path)
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("EXPLOIT_MARKER", str(marker))
+    with open(final / "trainer_state.pt", "wb") as handle:
+        pickle.dump({"step": _Exploit()}, handle)
+    with pytest.raises(pickle.UnpicklingError):
+        ckpt.load_state(final, "trainer_state.pt")
+    assert not marker.exists()
+
+
+def test_mismatched_weights_are_refused(tmp_path):
+    final, _ = _complete_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match="does not match the model"):
+        ckpt.load_model_part(final, torch.nn.Linear(2, 3, bias=False))
