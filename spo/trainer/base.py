@@ -39,6 +39,18 @@ from .tracking import MetricsLog, wandb_mode
 logger = logging.getLogger(__name__)
 
 
+def use_cpu() -> bool:
+    """Train on the CPU when there is no accelerator (also under ``accelerate launch --multi_gpu``, which is how
+    accelerate starts several CPU processes without MPI)."""
+    return not torch.cuda.is_available()
+
+
+def distributed_state():
+    from accelerate import PartialState
+
+    return PartialState(cpu=use_cpu())
+
+
 class RLTrainer:
     algorithm = "base"
 
@@ -50,7 +62,7 @@ class RLTrainer:
         self.output_dir = Path(args.output_dir)
         self._check_output_dir()
         trackers = [t for t in args.report_to if t != "none"]
-        self.accelerator = Accelerator(log_with=trackers or None, project_dir=str(self.output_dir))
+        self.accelerator = Accelerator(cpu=use_cpu(), log_with=trackers or None, project_dir=str(self.output_dir))
         set_seed(args.seed, device_specific=True)
         if self.accelerator.device.type == "cpu":
             setup_cpu_math()
@@ -98,7 +110,9 @@ class RLTrainer:
         scheduler = get_scheduler(args.lr_scheduler_type, optimizer,
                                   num_warmup_steps=math.ceil(args.warmup_ratio * args.max_steps),
                                   num_training_steps=args.max_steps)
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        # the scheduler counts RL steps and is not prepared: accelerate's wrapper would step it once per process
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.scheduler = scheduler
 
         world = self.accelerator.num_processes
         if args.prompts_per_step % world:

@@ -76,9 +76,9 @@ def trainer_config(recipe: Recipe):
     if recipe.algorithm in ("rloo", "dr_grpo"):
         train.setdefault("advantage_estimator", recipe.algorithm)
     if recipe.dry_run:
-        from accelerate import PartialState
+        from .base import distributed_state
 
-        train.update(max_steps=1, prompts_per_step=PartialState().num_processes, num_generations=2,
+        train.update(max_steps=1, prompts_per_step=distributed_state().num_processes, num_generations=2,
                      max_completion_length=16, save_steps=None, eval_steps=None, report_to=["none"],
                      output_dir=str(train.get("output_dir", "outputs/run")) + "-dry-run")
         if recipe.algorithm == "spo_chain":
@@ -128,9 +128,9 @@ def build_trainer(recipe: Recipe):
     train_dataset = recipe.dataset.load()
     eval_dataset = recipe.eval_dataset.load() if recipe.eval_dataset is not None else None
     tokenizer = load_tokenizer(recipe.model, trust_remote_code=recipe.trust_remote_code)
-    from accelerate import PartialState
+    from .base import distributed_state
 
-    model = load_model(recipe.model, dtype=recipe.dtype, device=PartialState().device,
+    model = load_model(recipe.model, dtype=recipe.dtype, device=distributed_state().device,
                        trust_remote_code=recipe.trust_remote_code)
     return trainers[recipe.algorithm](model=model, reward_funcs=list(recipe.reward_funcs), args=args,
                                       train_dataset=train_dataset, eval_dataset=eval_dataset,
