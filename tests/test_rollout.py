@@ -141,7 +141,8 @@ def test_stop_string_checker_sees_strings_split_across_tokens(embedded_tokenizer
     checker = StopStrings(embedded_tokenizer, ["\n\n"])
     hits = [bool(checker.hits(torch.tensor([ids]), n)[0]) for n in range(1, len(ids) + 1)]
     first = hits.index(True)
-    assert "\n\n" in embedded_tokenizer.decode(ids[: first + 1]) and "\n\n" not in embedded_tokenizer.decode(ids[:first])
+    assert "\n\n" in embedded_tokenizer.decode(ids[: first + 1])
+    assert "\n\n" not in embedded_tokenizer.decode(ids[:first])
     assert checker.truncate("The answer is 42.\n\nDone") == "The answer is 42."
 
 

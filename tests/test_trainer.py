@@ -212,7 +212,6 @@ def test_quickstart_recipe_dry_run_on_the_embedded_model(tmp_path):
     assert (tmp_path / "q-dry-run" / "adapter" / "adapter_model.safetensors").is_file(), output
 
 
-@pytest.mark.slow
 def test_two_cpu_processes_keep_identical_adapters(tmp_path, tiny_model_dir):
     script = ROOT / "tests" / "scripts" / "ddp_train.py"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT),

@@ -125,24 +125,25 @@ class Generator:
             raise ValueError(f"sequences of {length} tokens exceed the model's sliding window ({window}), "
                              "which spo.rollout does not implement")
 
-    def _attention_kind(self) -> str:
-        """How masks are passed: sdpa (and our scored attention) honour a boolean 4-D mask, eager adds the mask to
-        the logits, so it gets an additive float mask; other kernels (flash, flex) take no custom 4-D mask."""
+    def _additive_mask(self) -> bool:
+        """Whether the model needs an additive float mask: sdpa (and our scored attention) honour a boolean 4-D
+        mask, eager adds the mask to the attention logits; other kernels (flash, flex) take no custom 4-D mask."""
         if self.policy.needs_attention:
-            return "bool"
+            return False
         implementation = self.config._attn_implementation
         if implementation not in ("sdpa", "eager"):
             raise ValueError(f"spo.rollout needs attn_implementation 'sdpa' or 'eager', the model uses "
                              f"{implementation!r}")
-        return "bool" if implementation == "sdpa" else "additive"
+        return implementation == "eager"
 
-    def _forward(self, cache: RolloutCache, input_ids, positions, mask, logits_to_keep: int) -> torch.Tensor:
-        if self._additive:
+    def _forward(self, cache: RolloutCache, input_ids, positions, mask, additive: bool) -> torch.Tensor:
+        """Logits [rows, vocab] of each row's last position."""
+        if additive:
             mask = torch.zeros(mask.shape, dtype=cache.k[0].dtype, device=mask.device).masked_fill_(
                 ~mask, torch.finfo(cache.k[0].dtype).min)
         cache.observed = 0
         out = self.model(input_ids=input_ids, position_ids=positions, attention_mask=mask, past_key_values=cache,
-                         use_cache=True, logits_to_keep=logits_to_keep, rollout_cache=cache)
+                         use_cache=True, logits_to_keep=1, rollout_cache=cache)
         if self.policy.needs_attention and cache.observed != self.num_layers:
             raise RuntimeError(f"{type(self.model).__name__} did not route attention through transformers' "
                                f"AttentionInterface ({cache.observed}/{self.num_layers} layers); kv_policy "
@@ -153,7 +154,7 @@ class Generator:
     def _run(self, plan: _Plan, params: SamplingParams, k: int, stats: dict) -> list[Rollout]:
         device = self.model.get_input_embeddings().weight.device
         dtype = self.model.get_input_embeddings().weight.dtype
-        self._additive = self._attention_kind() == "additive"
+        additive = self._additive_mask()
         prefixes = [p + c for p, c in zip(plan.prompts, plan.partials)]
         lengths = torch.tensor([len(p) for p in prefixes], device=device)
         width, longest_new = int(lengths.max()), max(plan.limits)
@@ -184,7 +185,7 @@ class Generator:
         with scored_attention(self.model, self.policy.needs_attention):
             cache.rows = n
             cache.begin_prefill(valid, positions)
-            logits = self._forward(cache, input_ids, positions, prefill_mask, logits_to_keep=1)
+            logits = self._forward(cache, input_ids, positions, prefill_mask, additive)
             cache.end_prefill()
             cache.repeat_rows(forks)
             logits = logits.repeat_interleave(forks, dim=0)
@@ -202,7 +203,8 @@ class Generator:
                 tokens_out[seq_of_row, step] = tokens
                 logprobs_out[seq_of_row, step] = logprobs
                 hit_eos = torch.isin(tokens, eos)
-                hit_string = stops.hits(tokens_out[seq_of_row], step + 1).to(device) if stops else torch.zeros_like(hit_eos)
+                hit_string = (stops.hits(tokens_out[seq_of_row], step + 1).to(device) if stops
+                              else torch.zeros_like(hit_eos))
                 finished = hit_eos | hit_string | (step + 1 >= limit[seq_of_row])
                 if bool(finished.any()):
                     ended = seq_of_row[finished]
@@ -216,7 +218,7 @@ class Generator:
                 cache.newest[: cache.rows] += 1
                 cache.prepare_step()
                 logits = self._forward(cache, tokens[:, None], cache.newest[: cache.rows, None], cache.mask(),
-                                       logits_to_keep=1)
+                                       additive)
 
         stats["prefill_tokens"] += int(lengths.sum())
         stats["prefill_tokens_unshared"] += int((lengths * forks).sum())
@@ -238,6 +240,6 @@ class Generator:
             if by_string[row]:
                 text = stops.truncate(text)
             reason = "stop" if stopped_out[row] else "length"
-            rollouts.append(Rollout(list(plan.prompts[prefix]), ids, text, reason, logprobs_out[row, : lengths[row]].cpu(),
-                                    state))
+            logprobs = logprobs_out[row, : lengths[row]].cpu()
+            rollouts.append(Rollout(list(plan.prompts[prefix]), ids, text, reason, logprobs, state))
         return rollouts

@@ -65,7 +65,8 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
     return torch.minimum(tokens, (probs > 0).cumsum(-1).argmax(-1))
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample(logits: torch.Tensor, params: SamplingParams,
+           generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Next tokens [R] and their behaviour log-probs [R]: log softmax(logits / T)[token], with T the sampling
     temperature (1 for greedy), before any top-k / top-p filtering."""
     scaled = logits.float() / params.logprob_temperature

@@ -121,12 +121,15 @@ class RLTrainer:
         self.prompts_per_process = args.prompts_per_step // world
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.prompt_ids = tokenize_prompts(self.tokenizer, train_dataset["prompt"], args.max_prompt_length)
-        self.columns = [c for c in train_dataset.column_names if c != "prompt"]
+        # columns as Python lists once: reward functions read them for every rollout and continuation
+        self.prompts = list(train_dataset["prompt"])
+        self.column_values = {c: list(train_dataset[c]) for c in train_dataset.column_names if c != "prompt"}
 
         from ..rollout import Generator
 
         self.generator = Generator(self.unwrapped, self.tokenizer, kv_policy=args.kv_policy,
                                    kv_budget=args.kv_budget, kv_kwargs=dict(args.kv_kwargs))
+        self._eval_generator = None
         self.buffer = None
         if args.use_sample_buffer:
             from ..buffer import SelectiveSampleBuffer
@@ -189,8 +192,8 @@ class RLTrainer:
                           record: bool = True) -> torch.Tensor:
         """Rewards [N] of completions answering the given dataset rows; NaN marks samples a misbehaving reward
         function made us skip. ``record`` logs the per-function means."""
-        prompts = [self.train_dataset[i]["prompt"] for i in dataset_rows]
-        columns = {c: [self.train_dataset[i][c] for i in dataset_rows] for c in self.columns}
+        prompts = [self.prompts[i] for i in dataset_rows]
+        columns = {c: [values[i] for i in dataset_rows] for c, values in self.column_values.items()}
         scores = compute_rewards(self.reward_funcs, prompts=prompts, completions=texts, completion_ids=completion_ids,
                                  columns=columns, weights=self.args.reward_weights,
                                  on_error=self.args.reward_errors, names=self.reward_names,
@@ -414,10 +417,14 @@ class RLTrainer:
         shard = dataset.shard(world, rank, contiguous=True) if world > 1 else dataset
         was_training = self.unwrapped.training
         self.unwrapped.eval()
+        if self._eval_generator is None:  # held-out accuracy is measured with the full cache
+            from ..rollout import Generator
+
+            self._eval_generator = Generator(self.unwrapped, self.tokenizer)
         result = evaluate(self.unwrapped, self.tokenizer, shard, [self.reward_funcs[0]], num_samples=1,
                           temperature=0.0, max_new_tokens=self.args.eval_max_new_tokens or
                           self.args.max_completion_length, batch_size=self.args.generation_batch_size,
-                          progress=False, generator=self.generator)
+                          progress=False, generator=self._eval_generator)
         self.unwrapped.train(was_training)
         correct = torch.tensor([sum(x[0] for x in result.per_problem), len(result.per_problem)],
                                dtype=torch.float64, device=self.accelerator.device)

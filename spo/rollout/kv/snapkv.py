@@ -42,7 +42,8 @@ class SnapKV(KVPolicy):
         self.prefill_queries = window
 
     def observe(self, cache, layer: int, probs: torch.Tensor, query_pos: torch.Tensor) -> None:
-        cache.stats["score"][layer, : cache.rows, :, : probs.shape[-1]] = snapkv_scores(probs, self.kernel, self.pooling)
+        scores = snapkv_scores(probs, self.kernel, self.pooling)
+        cache.stats["score"][layer, : cache.rows, :, : probs.shape[-1]] = scores
 
     def after_prefill(self, cache) -> None:
         rows, budget = cache.rows, cache.budget
