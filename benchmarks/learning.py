@@ -1,0 +1,122 @@
+"""Learning comparisons at an equal budget of generated tokens, same seeds, on the built-in task.
+
+Every variant starts from the quickstart recipe (embedded model, MoS adapters, SPO-chain, LazyEviction 50%, sample
+buffer) and changes one thing; each trains until it has sampled ``--token-budget`` tokens (rollouts and Monte Carlo
+continuations alike), then is evaluated greedily on the held-out split. Writes a Markdown table (held-out accuracy
+mean and spread over seeds, tokens generated, wall time) and a plot of reward against tokens.
+
+    python benchmarks/learning.py --seeds 0 1 2 --token-budget 60000
+    python benchmarks/learning.py --variants spo_chain grpo --seeds 0 --token-budget 20000   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# variant -> (algorithm, overrides of the recipe's train section, overrides of its peft section)
+VARIANTS: dict[str, tuple[str, dict, dict | None]] = {
+    "spo_chain": ("spo_chain", {}, None),
+    "spo_tree": ("spo_tree", {"branching": [4, 2, 2], "segment_length": 40}, None),
+    "grpo": ("grpo", {"probability_mask": False}, None),
+    "grpo_prob_mask": ("grpo", {"probability_mask": True}, None),
+    "mos_equal_params": ("spo_chain", {}, {"type": "mos", "r": 8, "equivalent_rank": 8, "shards_per_vector": 2,
+                                           "private_rank": 1, "lora_alpha": 16, "target_modules": "all-linear"}),
+    "lora_r8": ("spo_chain", {}, {"type": "lora", "r": 8, "lora_alpha": 16, "target_modules": "all-linear"}),
+    "full_cache": ("spo_chain", {"kv_policy": "full", "kv_budget": None}, None),
+    "no_buffer": ("spo_chain", {"use_sample_buffer": False}, None),
+}
+SPO_ONLY_KEYS = ("mc_samples", "cutpoint_interval", "max_mc_states_per_step")
+
+
+def run_variant(name: str, seed: int, budget: int, out: Path, eval_limit: int) -> dict:
+    from spo.config import load_config
+    from spo.trainer.run import Recipe, build_trainer
+
+    algorithm, train_overrides, peft = VARIANTS[name]
+    recipe = load_config(Recipe, ROOT / "recipes" / "quickstart.yaml")
+    recipe.algorithm = algorithm
+    train = dict(recipe.train)
+    if algorithm != "spo_chain":
+        for key in SPO_ONLY_KEYS:
+            train.pop(key, None)
+    train.update(train_overrides, seed=seed, max_steps=10_000, max_generated_tokens=budget, save_steps=None,
+                 report_to=["none"], output_dir=str(out / f"{name}-seed{seed}"), log_completions=False)
+    recipe.train = train
+    recipe.dataset.seed = seed
+    recipe.eval_dataset.limit = eval_limit
+    if peft is not None:
+        recipe.peft = peft
+    started = time.perf_counter()
+    trainer = build_trainer(recipe)
+    history = trainer.train()
+    accuracy = trainer.evaluate()["accuracy"]
+    return {"variant": name, "seed": seed, "accuracy": accuracy, "tokens": trainer.tokens_generated,
+            "steps": trainer.step, "seconds": time.perf_counter() - started,
+            "curve": [(h.get("tokens/generated_total", 0), h.get("reward")) for h in history]}
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| variant | held-out accuracy (mean ± sd) | seeds | tokens generated | steps | wall time (s) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name in dict.fromkeys(r["variant"] for r in results):
+        runs = [r for r in results if r["variant"] == name]
+        accs = [r["accuracy"] for r in runs]
+        spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        lines.append(f"| {name} | {statistics.mean(accs):.3f} ± {spread:.3f} | {len(runs)} | "
+                     f"{statistics.mean(r['tokens'] for r in runs):.0f} | {statistics.mean(r['steps'] for r in runs):.0f} | "
+                     f"{statistics.mean(r['seconds'] for r in runs):.0f} |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 4.5))
+    for r in results:
+        points = [(t, v) for t, v in r["curve"] if v is not None]
+        if points:
+            axis.plot(*zip(*points), label=f"{r['variant']} s{r['seed']}", alpha=0.8)
+    axis.set_xlabel("tokens generated")
+    axis.set_ylabel("training reward")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--token-budget", type=int, default=60_000)
+    parser.add_argument("--eval-limit", type=int, default=200)
+    parser.add_argument("--out", default="outputs/learning")
+    options = parser.parse_args()
+    out = Path(options.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name in options.variants:
+        for seed in options.seeds:
+            results.append(run_variant(name, seed, options.token_budget, out, options.eval_limit))
+            print(json.dumps({k: v for k, v in results[-1].items() if k != "curve"}), flush=True)
+            (out / "results.json").write_text(json.dumps(results, indent=2))
+    print(table(results))
+    (out / "table.md").write_text(table(results) + "\n")
+    plot(results, out / "curves.png")
+
+
+if __name__ == "__main__":
+    main()
