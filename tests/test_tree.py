@@ -68,3 +68,21 @@ def test_mc_cost_cap_thins_the_longest_partition_first():
     thinned = thin_boundaries(lists, cap=6)
     assert sum(t.numel() for t in thinned) <= 6
     assert thinned[0].tolist() == [0, 2, 4, 6] and thinned[1].tolist() == [0, 1]
+
+
+def test_mc_cost_cap_counts_distinct_states():
+    from types import SimpleNamespace
+
+    from spo.trainer.spo_chain import state_key
+
+    # two rollouts of one prompt share the bare-prompt state (-1): it is valued once
+    rollouts = [SimpleNamespace(prompt_index=0, prompt_ids=[1], completion_ids=[5, 6, 7, 8]),
+                SimpleNamespace(prompt_index=0, prompt_ids=[1], completion_ids=[5, 9, 9, 9])]
+    lists = [torch.tensor([-1, 0, 2]), torch.tensor([-1, 0, 1])]
+
+    def count(ls):
+        return len({state_key(r, c) for r, b in zip(rollouts, ls) for c in b.tolist()})
+
+    assert count(lists) == 4  # -1 and 0 are the same states in both rollouts (same prompt, same first token)
+    thinned = thin_boundaries(lists, cap=3, count=count)
+    assert count(thinned) <= 3 and thinned[0][0].item() == -1

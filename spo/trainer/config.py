@@ -113,6 +113,7 @@ class SPOChainConfig(GRPOConfig):
     partition: Literal["cutpoint", "fixed", "newline"] = "cutpoint"
     num_fixed_segments: int = 4  # partition="fixed" only
     max_mc_states_per_step: int | None = None  # cap on distinct states valued per step (per process)
+    mc_share_prefixes: bool = True  # encode each state once and fork its cache K ways (False: re-encode K times)
     probability_mask: bool = True
     whiten_advantages: bool = True
 

@@ -19,15 +19,22 @@ from .config import SPOChainConfig
 from .samples import Sample
 
 
-def thin_boundaries(boundaries: list[torch.Tensor], cap: int) -> list[torch.Tensor]:
-    """Keep at most ``cap`` boundaries in total: repeatedly halve (keeping the first) the longest list."""
+def thin_boundaries(boundaries: list[torch.Tensor], cap: int, count=None) -> list[torch.Tensor]:
+    """Keep at most ``cap`` states to value: repeatedly halve (keeping the first) the longest boundary list.
+    ``count(boundaries)`` says how many distinct states a set of lists costs (default: their total length)."""
+    count = count or (lambda lists: sum(b.numel() for b in lists))
     boundaries = list(boundaries)
-    while sum(b.numel() for b in boundaries) > cap:
+    while count(boundaries) > cap:
         longest = max(range(len(boundaries)), key=lambda i: boundaries[i].numel())
         if boundaries[longest].numel() <= 1:
             break
         boundaries[longest] = boundaries[longest][::2]
     return boundaries
+
+
+def state_key(rollout, cut: int) -> tuple:
+    """Identity of the state "prompt + response[0..cut]": equal keys are valued once."""
+    return rollout.prompt_index, tuple(rollout.prompt_ids), tuple(rollout.completion_ids[:cut + 1])
 
 
 class SPOChainTrainer(RLTrainer):
@@ -57,18 +64,17 @@ class SPOChainTrainer(RLTrainer):
         for rollout, cuts in zip(rollouts, boundaries):
             row_keys = []
             for c in cuts.tolist():
-                key = (rollout.prompt_index, tuple(rollout.prompt_ids), tuple(rollout.completion_ids[:c + 1]))
-                row_keys.append(states.setdefault(key, len(states)))
+                row_keys.append(states.setdefault(state_key(rollout, c), len(states)))
             keys.append(row_keys)
         if not states:
             return [torch.zeros(0) for _ in rollouts]
         ordered = sorted(states, key=states.get)
         k = self.args.mc_samples
         params = self.sampling_params(step + 7919 * (1 + self.args.max_steps))  # distinct from the rollouts' seed
-        remaining = self.args.max_completion_length
-        params.max_new_tokens = remaining  # trimmed per state below through the partial's length
+        # a continuation may add at most what the partial leaves of max_completion_length
         batch = self.generator.continue_from([(list(p), list(c)) for _, p, c in ordered], params, k=k,
-                                             max_total_new_tokens=remaining)
+                                             max_total_new_tokens=self.args.max_completion_length,
+                                             share_prefixes=self.args.mc_share_prefixes)
         self.count_generated(batch.rollouts)
         prefix_text = [self.tokenizer.decode(list(c), skip_special_tokens=True) for _, _, c in ordered]
         continuation_rows = [rows[ordered[r.prompt_index][0]] for r in batch.rollouts]
@@ -94,7 +100,9 @@ class SPOChainTrainer(RLTrainer):
         rollouts, rewards = self.generate_groups(rows, step)
         boundaries = [self.partition(r) for r in rollouts]
         if self.args.max_mc_states_per_step is not None:
-            boundaries = thin_boundaries(boundaries, self.args.max_mc_states_per_step)
+            boundaries = thin_boundaries(
+                boundaries, self.args.max_mc_states_per_step,
+                count=lambda lists: len({state_key(r, c) for r, b in zip(rollouts, lists) for c in b.tolist()}))
         started = time.perf_counter()
         values = self.state_values(rows, rollouts, boundaries, step)
         self._metric("timing/monte_carlo", time.perf_counter() - started)
