@@ -71,6 +71,7 @@ def worker(out_dir: str) -> None:
               "backend": accelerator.state.backend}
     with open(os.path.join(out_dir, f"rank{accelerator.process_index}.json"), "w") as f:
         json.dump(result, f)
+    accelerator.end_training()  # tears the process group down; gloo threads left at exit can abort the process
 
 
 def test_ddp_two_cpu_processes(tmp_path):
