@@ -26,7 +26,8 @@ def run(share: bool, steps: int, k: int) -> dict:
     with tempfile.TemporaryDirectory() as out:
         args = SPOChainConfig(output_dir=out, max_steps=steps, prompts_per_step=8, num_generations=4,
                               max_completion_length=96, temperature=0.7, top_p=1.0, mc_samples=k,
-                              cutpoint_interval=5, mc_share_prefixes=share, report_to=["none"], save_steps=None,
+                              cutpoint_interval=5, max_mc_states_per_step=32, mc_share_prefixes=share,
+                              report_to=["none"], save_steps=None,
                               learning_rate=1e-4, per_device_train_batch_size=8, log_completions=False)
         trainer = SPOChainTrainer(model=load_model(EMBEDDED_MODEL), reward_funcs=["arithmetic_accuracy"], args=args,
                                   train_dataset=make_arithmetic_task("train", 64, seed=3),
@@ -44,7 +45,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4)
     options = parser.parse_args()
     shared, unshared = run(True, options.steps, options.k), run(False, options.steps, options.k)
-    print(f"\nSPO-chain Monte Carlo per step (8 prompts x 4 rollouts, K = {options.k}, interval 5, "
+    print(f"\nSPO-chain Monte Carlo per step (8 prompts x 4 rollouts, K = {options.k}, interval 5, at most 32 states, "
           f"mean of {options.steps} steps)")
     print(f"{'':<22}{'MC seconds':>12}{'step seconds':>14}{'states':>8}{'continuations':>15}{'prefill tokens':>16}")
     for name, r in (("forked prefixes", shared), ("re-encoded prefixes", unshared)):

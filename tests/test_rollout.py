@@ -203,3 +203,18 @@ def test_compressed_policies_generate_under_a_tight_budget(policy):
         PROMPTS, SamplingParams(max_new_tokens=16, greedy=True))
     assert all(len(r.completion_ids) == 16 and torch.isfinite(r.logprobs).all() for r in batch.rollouts)
     assert batch.stats["peak_kv_bytes"] < batch.stats["full_kv_bytes"]
+
+
+def test_large_requests_run_in_chunks_with_the_same_greedy_output():
+    from spo.models import tiny_model
+    from spo.models import load_tokenizer
+    from spo.rollout import Generator, SamplingParams
+
+    model, tokenizer = tiny_model(seed=7), load_tokenizer("smollm2-135m-instruct")
+    states = [([1, 5, 9 + i], [3] * (i % 3)) for i in range(7)]
+    params = SamplingParams(max_new_tokens=6, greedy=True)
+    whole = Generator(model, tokenizer).continue_from(states, params, k=2)
+    chunked = Generator(model, tokenizer, max_batch_rows=4).continue_from(states, params, k=2)
+    assert [(r.prompt_index, r.completion_ids) for r in whole.rollouts] == \
+        [(r.prompt_index, r.completion_ids) for r in chunked.rollouts]
+    assert chunked.stats["rollouts"] == 14 and chunked.stats["peak_kv_bytes"] <= whole.stats["peak_kv_bytes"]

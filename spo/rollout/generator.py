@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -40,6 +40,9 @@ class _Plan:
     owners: list[list[int]]  # state indices sharing each distinct prefix
 
 
+_SUMMED_STATS = {"prefixes", "prefill_tokens", "prefill_tokens_unshared", "tokens_generated", "rollouts", "seconds"}
+
+
 class Generator:
     """Samples completions from a Hugging Face causal LM with a compressed KV cache.
 
@@ -49,8 +52,11 @@ class Generator:
     """
 
     def __init__(self, model, tokenizer, kv_policy: str | KVPolicy = "full", kv_budget: int | float | None = None,
-                 kv_kwargs: dict | None = None):
+                 kv_kwargs: dict | None = None, max_batch_rows: int | None = None):
+        if max_batch_rows is not None and max_batch_rows < 1:
+            raise ValueError(f"max_batch_rows must be >= 1, got {max_batch_rows}")
         self.model, self.tokenizer = model, tokenizer
+        self.max_batch_rows = max_batch_rows  # rows decoded at once; larger requests run in consecutive chunks
         self.policy = make_policy(kv_policy, kv_budget, **(kv_kwargs or {}))
         config = model.config.get_text_config()
         self.config = config
@@ -79,6 +85,29 @@ class Generator:
             raise ValueError(f"k (num_return_sequences) must be >= 1, got {k}")
         if any(not prompt for prompt, _ in states):
             raise ValueError("every prompt needs at least one token")
+        per_chunk = len(states) if self.max_batch_rows is None else max(1, self.max_batch_rows // k)
+        if len(states) <= per_chunk:
+            return self._continue_chunk(states, params, k, max_total_new_tokens, share_prefixes)
+        rollouts, stats = [], {}
+        for number, begin in enumerate(range(0, len(states), per_chunk)):
+            chunk_params = params if params.seed is None else replace(params, seed=params.seed + 1_000_003 * number)
+            part = self._continue_chunk(states[begin:begin + per_chunk], chunk_params, k, max_total_new_tokens,
+                                        share_prefixes)
+            for rollout in part.rollouts:
+                rollout.prompt_index += begin
+            rollouts += part.rollouts
+            for key, value in part.stats.items():
+                if key in _SUMMED_STATS:
+                    stats[key] = stats.get(key, 0) + value
+                elif isinstance(value, (int, float)):  # memory and budgets hold one chunk at a time
+                    stats[key] = max(stats.get(key, 0), value)
+                else:
+                    stats.setdefault(key, value)
+        stats["tokens_per_second"] = stats["tokens_generated"] / max(stats["seconds"], 1e-9)
+        return RolloutBatch(rollouts, stats)
+
+    def _continue_chunk(self, states, params: SamplingParams, k: int, max_total_new_tokens: int | None,
+                        share_prefixes: bool) -> RolloutBatch:
         started = time.perf_counter()
         plan, done = self._plan(states, params, max_total_new_tokens, 1 if share_prefixes else k)
         k = k if share_prefixes else 1

@@ -128,7 +128,8 @@ class RLTrainer:
         from ..rollout import Generator
 
         self.generator = Generator(self.unwrapped, self.tokenizer, kv_policy=args.kv_policy,
-                                   kv_budget=args.kv_budget, kv_kwargs=dict(args.kv_kwargs))
+                                   kv_budget=args.kv_budget, kv_kwargs=dict(args.kv_kwargs),
+                                   max_batch_rows=args.generation_batch_size)
         self._eval_generator = None
         self.buffer = None
         if args.use_sample_buffer:
@@ -420,7 +421,8 @@ class RLTrainer:
         if self._eval_generator is None:  # held-out accuracy is measured with the full cache
             from ..rollout import Generator
 
-            self._eval_generator = Generator(self.unwrapped, self.tokenizer)
+            self._eval_generator = Generator(self.unwrapped, self.tokenizer,
+                                             max_batch_rows=self.args.generation_batch_size)
         result = evaluate(self.unwrapped, self.tokenizer, shard, [self.reward_funcs[0]], num_samples=1,
                           temperature=0.0, max_new_tokens=self.args.eval_max_new_tokens or
                           self.args.max_completion_length, batch_size=self.args.generation_batch_size,
