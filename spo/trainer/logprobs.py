@@ -1,5 +1,5 @@
-"""Per-token log-probs of completions under a model, in row chunks so [batch x length x vocab] logits never sit
-in memory whole."""
+"""Per-token log-probs of completions under a model. Only completion positions get logits, and the trainer calls
+this per micro-batch, so [batch x length x vocab] logits never sit in memory whole."""
 
 from __future__ import annotations
 
@@ -33,8 +33,3 @@ def completion_logprobs(model, batch: Batch, temperature: float, with_entropy: b
             return logp, token_entropy(logits, temperature)
     return logp
 
-
-@torch.no_grad()
-def chunked_completion_logprobs(model, batches: list[Batch], temperature: float) -> list[torch.Tensor]:
-    """Log-probs for a list of micro-batches, without gradients."""
-    return [completion_logprobs(model, b, temperature).cpu() for b in batches]

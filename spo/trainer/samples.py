@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -25,7 +25,6 @@ class Sample:
     old_logprobs: torch.Tensor | None = None  # [T]
     ref_logprobs: torch.Tensor | None = None  # [T]
     truncated: bool = False
-    extra: dict = field(default_factory=dict)
 
     def to_state(self) -> dict:
         """Plain dict of lists/tensors/numbers (safe for ``torch.load(weights_only=True)``)."""
