@@ -72,9 +72,6 @@ class SelectiveSampleBuffer:
         self.entries = [self.entries[i] for i in sorted(keep)]
         return chosen
 
-    def mean_age(self, step: int) -> float:
-        return sum(step - e.step for e in self.entries) / len(self.entries) if self.entries else 0.0
-
     def state_dict(self) -> dict:
         return {"entries": [(e.sample, e.score, e.step) for e in self.entries],
                 "generator": self.generator.get_state()}

@@ -164,15 +164,14 @@ class RLTrainer:
         if free < 64 * 2**20:
             raise OSError(f"output_dir {self.output_dir} has only {free / 2**20:.0f} MiB free; checkpoints need more")
 
-    def sampling_params(self, step: int, max_new_tokens: int | None = None, greedy: bool = False):
+    def sampling_params(self, step: int):
         from ..rollout import SamplingParams
 
         args = self.args
         # a seed per (step, process) makes rollouts reproducible and identical after a resume
         seed = args.seed * 1_000_003 + step * 1009 + self.accelerator.process_index
-        return SamplingParams(max_new_tokens=max_new_tokens or args.max_completion_length,
-                              temperature=args.temperature, top_p=1.0 if greedy else args.top_p,
-                              top_k=0 if greedy else args.top_k, greedy=greedy, stop=list(args.stop), seed=seed)
+        return SamplingParams(max_new_tokens=args.max_completion_length, temperature=args.temperature,
+                              top_p=args.top_p, top_k=args.top_k, stop=list(args.stop), seed=seed)
 
     def next_prompts(self) -> list[int]:
         """Dataset rows for this step and process; a seeded permutation per epoch, the position saved in checkpoints."""
