@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import socket
 import subprocess
 import sys
 
@@ -74,14 +74,19 @@ def worker(out_dir: str) -> None:
     accelerator.end_training()  # tears the process group down; gloo threads left at exit can abort the process
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def test_ddp_two_cpu_processes(tmp_path):
-    accelerate = shutil.which("accelerate")
-    if accelerate is None:
-        pytest.skip("the accelerate launcher is not installed")
     # `accelerate launch --cpu --num_processes 2` starts a single process unless mpirun is installed (accelerate
     # 1.15); the multi-process launcher (torchrun) plus Accelerator(cpu=True) in the worker gives 2 CPU ranks on gloo.
-    command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", os.path.abspath(__file__), str(tmp_path)]
+    # The launcher of this interpreter (not whichever is first on PATH), on a free port.
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+               "--dynamo_backend", "no", os.path.abspath(__file__), str(tmp_path)]
     env = {**os.environ, "PYTHONPATH": REPO_ROOT, "OMP_NUM_THREADS": "1"}
     subprocess.run(command, check=True, cwd=REPO_ROOT, env=env, timeout=300)
     for rank in range(2):

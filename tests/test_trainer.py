@@ -216,8 +216,11 @@ def test_two_cpu_processes_keep_identical_adapters(tmp_path, tiny_model_dir):
     script = ROOT / "tests" / "scripts" / "ddp_train.py"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT),
            "OMP_NUM_THREADS": "1"}
+    from test_lora_shards_ddp import free_port
+
     result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                              str(ROOT / "recipes" / "accelerate" / "cpu_2proc.yaml"),
+                             "--main_process_port", str(free_port()),
                              str(script), str(tiny_model_dir), str(tmp_path)], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
