@@ -126,8 +126,11 @@ class RLTrainer:
         self.column_values = {c: list(train_dataset[c]) for c in train_dataset.column_names if c != "prompt"}
 
         from ..rollout import Generator
+        from ..rollout.snapshot import PolicySnapshot
 
-        self.generator = Generator(self.unwrapped, self.tokenizer, kv_policy=args.kv_policy,
+        self.snapshot = PolicySnapshot(self.unwrapped, args.rollout_dtype) if args.rollout_dtype else None
+        sampler = self.snapshot.model if self.snapshot is not None else self.unwrapped
+        self.generator = Generator(sampler, self.tokenizer, kv_policy=args.kv_policy,
                                    kv_budget=args.kv_budget, kv_kwargs=dict(args.kv_kwargs),
                                    max_batch_rows=args.generation_batch_size)
         self._eval_generator = None
@@ -235,6 +238,8 @@ class RLTrainer:
             self._metrics: dict[str, float] = {}
             started = time.perf_counter()
             self.unwrapped.eval()
+            if self.snapshot is not None:
+                self.snapshot.refresh()
             rows = self.next_prompts()
             samples = self.make_samples(rows, step)
             samples = self._apply_buffer(samples, step)

@@ -27,6 +27,9 @@ class GRPOConfig:
     kv_policy: str = "full"
     kv_budget: float | None = None  # tokens (>= 1) or a fraction of the sequence (< 1)
     kv_kwargs: dict = field(default_factory=dict)
+    # sample from a merged copy of the policy in this dtype ("bfloat16", "float16", "float32"), refreshed after
+    # every optimizer step; None samples from the policy itself, adapters live (see spo.rollout.snapshot)
+    rollout_dtype: str | None = None
     # advantages and loss
     advantage_estimator: Literal["grpo", "rloo", "dr_grpo"] = "grpo"
     scale_rewards: bool = True
@@ -92,6 +95,8 @@ class GRPOConfig:
             (self.importance_sampling_cap is None or self.importance_sampling_cap >= 1,
              "importance_sampling_cap must be >= 1"),
             (self.advantage_estimator != "rloo" or self.num_generations >= 2, "RLOO needs num_generations >= 2"),
+            (self.rollout_dtype in (None, "float32", "bfloat16", "float16"),
+             f"rollout_dtype must be null, 'float32', 'bfloat16' or 'float16', got {self.rollout_dtype!r}"),
         ]
         for ok, message in checks:
             if not ok:
