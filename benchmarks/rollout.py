@@ -2,7 +2,8 @@
 
 1. Throughput: our decode loop (full cache) versus Hugging Face ``generate``, both sampling (temperature 0.7,
    top_p 1, top_k off), same prompts (built-in arithmetic task, chat-formatted), batch 8 / 32 / 64,
-   128 new tokens. Tokens/s counts generated tokens up to and including EOS.
+   128 new tokens, the model in float32 and in bfloat16 (both sides in the same dtype; then our bf16
+   rollouts against HF on the float32 model). Tokens/s counts generated tokens up to and including EOS.
 2. Prefix forking: K continuations of P prefixes (prompt + the first tokens of a rollout) with one shared
    encoding per prefix, versus encoding every continuation's prefix.
 3. KV policies at 25/50/75% budgets: peak KV bytes versus a full cache, and accuracy on the arithmetic task
@@ -15,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import time
@@ -62,20 +64,28 @@ def hf_generate(model, tokenizer, prompts, new_tokens: int, seed: int) -> tuple[
 
 def throughput(model, tokenizer, args) -> None:
     print(f"\n## Throughput: {args.new_tokens} new tokens, sampling T=0.7 (tokens/s)\n")
-    print("| batch | ours tok/s | HF generate tok/s | ratio |")
-    print("|---|---|---|---|")
-    generator = Generator(model, tokenizer)
+    print("| dtype | batch | ours tok/s | HF generate tok/s | ratio |")
+    print("|---|---|---|---|---|")
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.7, seed=0)
-    for batch in args.batches:
-        prompts, _ = arithmetic(tokenizer, batch)
-        ours = generator.generate(prompts, params).stats
-        ours_rate = ours["tokens_generated"] / ours["seconds"]
-        if args.skip_hf:
-            print(f"| {batch} | {ours_rate:.1f} | - | - |", flush=True)
-            continue
-        tokens, seconds = hf_generate(model, tokenizer, prompts, args.new_tokens, seed=0)
-        print(f"| {batch} | {ours_rate:.1f} | {tokens / seconds:.1f} | {ours_rate / (tokens / seconds):.2f}x |",
-              flush=True)
+    rates = {}
+    for dtype in args.dtypes:
+        typed = model if dtype == "float32" else copy.deepcopy(model).to(getattr(torch, dtype))
+        generator = Generator(typed, tokenizer)
+        for batch in args.batches:
+            prompts, _ = arithmetic(tokenizer, batch)
+            ours = generator.generate(prompts, params).stats
+            ours_rate = rates[("ours", dtype, batch)] = ours["tokens_generated"] / ours["seconds"]
+            if args.skip_hf:
+                print(f"| {dtype} | {batch} | {ours_rate:.1f} | - | - |", flush=True)
+                continue
+            tokens, seconds = hf_generate(typed, tokenizer, prompts, args.new_tokens, seed=0)
+            hf_rate = rates[("hf", dtype, batch)] = tokens / seconds
+            print(f"| {dtype} | {batch} | {ours_rate:.1f} | {hf_rate:.1f} | {ours_rate / hf_rate:.2f}x |", flush=True)
+    if not args.skip_hf and "float32" in args.dtypes:
+        for dtype in (d for d in args.dtypes if d != "float32"):
+            print(f"\nRollouts in {dtype} (the trainer's `rollout_dtype`) vs HF generate on the float32 model:")
+            for batch in args.batches:
+                print(f"- batch {batch}: {rates[('ours', dtype, batch)] / rates[('hf', 'float32', batch)]:.2f}x")
 
 
 def forking(model, tokenizer, args) -> None:
@@ -113,6 +123,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[8, 32, 64])
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--dtypes", type=lambda s: s.split(","), default=["float32", "bfloat16"],
+                        help="model dtypes to time (bfloat16 needs AVX512-BF16 or AMX to be fast on a CPU)")
     parser.add_argument("--skip-hf", action="store_true", help="do not time Hugging Face generate")
     parser.add_argument("--prefixes", type=int, default=16)
     parser.add_argument("--forks", type=int, default=8)

@@ -232,3 +232,48 @@ def test_two_cpu_processes_keep_identical_adapters(tmp_path, tiny_model_dir):
         assert torch.equal(ranks[0][name], ranks[1][name]), name
     initial = load_file(str(tmp_path / "initial.safetensors"))
     assert any(not torch.equal(initial[n], ranks[0][n]) for n in initial)  # training changed them
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+def test_idle_rows_are_skipped_without_changing_the_update(tmp_path, task, embedded_tokenizer, loss_type):
+    """Completions whose advantages are all zero carry no gradient (beta = 0): the update skips their forward
+    and backward passes but still counts them in the loss denominator, so the weights move exactly as before."""
+    from spo.trainer.base import RLTrainer
+    from spo.trainer.samples import Sample
+
+    gen = torch.Generator().manual_seed(0)
+    samples = []
+    for i in range(12):
+        length = 3 + i % 5
+        advantage = 0.0 if i % 3 else (1.0 if i % 2 else -1.0)  # two in three completions are idle
+        samples.append(Sample(prompt_ids=torch.randint(3, 500, (4 + i % 3,), generator=gen).tolist(),
+                              completion_ids=torch.randint(3, 500, (length,), generator=gen).tolist(),
+                              behaviour_logprobs=torch.full((length,), -2.0), advantages=torch.full((length,), advantage),
+                              reward=0.0, step=0))
+
+    def trained(prune: bool, monkeypatch):
+        args = GRPOConfig(**_common(tmp_path / f"{prune}", loss_type=loss_type, per_device_train_batch_size=3,
+                                    gradient_accumulation_steps=2, importance_sampling_cap=None,
+                                    warmup_ratio=0.0, lr_scheduler_type="constant"))
+        trainer = GRPOTrainer(model=tiny_model(seed=0), reward_funcs=[vowel_share], args=args, train_dataset=task,
+                              processing_class=embedded_tokenizer)
+        with monkeypatch.context() as patch:
+            if not prune:
+                patch.setattr(RLTrainer, "_without_idle_rows", staticmethod(lambda prepared: prepared))
+            trainer._metrics = {}
+            trainer.update(samples)
+        return trainer
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        pruned, full = trained(True, monkeypatch), trained(False, monkeypatch)
+    assert pruned._metrics["train/idle_rows_skipped"] >= 6
+    assert full._metrics["train/idle_rows_skipped"] == 0
+    # same loss and gradient norm per optimizer step: the denominators still count the skipped completions
+    for key in ("loss", "grad_norm"):
+        assert pruned._metrics[key] == pytest.approx(full._metrics[key], rel=1e-5), key
+    untrained = tiny_model(seed=0)
+    moved = 0
+    for (name, a), b in zip(pruned.unwrapped.named_parameters(), full.unwrapped.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+        moved += int(not torch.equal(a, untrained.get_parameter(name)))
+    assert moved > 0

@@ -33,7 +33,7 @@ from ..models import load_model, load_tokenizer, setup_cpu_math
 from . import checkpoint as ckpt
 from .config import GRPOConfig
 from .logprobs import completion_logprobs
-from .samples import Sample, collate, pad_rows
+from .samples import Batch, Sample, collate, pad_rows
 from .tracking import MetricsLog, wandb_mode
 
 logger = logging.getLogger(__name__)
@@ -351,6 +351,12 @@ class RLTrainer:
                 offset += n
         self._metric("spo/masked_token_fraction",
                      float(sum(p[3].sum() for p in prepared) / max(1, sum(p[0].completion_mask.sum() for p in prepared))))
+        for p in prepared:  # the loss denominators count every sample, including those pruned next
+            p.append((int(p[3].sum()), p[3].shape[0]))
+        if args.beta == 0:
+            rows_before = sum(p[3].shape[0] for p in prepared)
+            prepared = [self._without_idle_rows(p) for p in prepared]
+            self._metric("train/idle_rows_skipped", float(rows_before - sum(p[3].shape[0] for p in prepared)))
 
         self.unwrapped.train()
         accumulate = args.gradient_accumulation_steps
@@ -362,7 +368,7 @@ class RLTrainer:
             for start in range(0, len(order), accumulate):
                 chunk = [prepared[i] for i in order[start:start + accumulate]]
                 normaliser = self._normaliser(chunk)
-                for k, (batch, behaviour, advantages, mask, old, ref) in enumerate(chunk):
+                for k, (batch, behaviour, advantages, mask, old, ref, _) in enumerate(chunk):
                     sync = k == len(chunk) - 1
                     context = self.accelerator.no_sync(self.model) if not sync else contextlib.nullcontext()
                     with context:
@@ -397,13 +403,31 @@ class RLTrainer:
             if values:
                 self._metric(key, sum(values) / len(values))
 
+    @staticmethod
+    def _without_idle_rows(prepared: list) -> list:
+        """Drop the rows of a micro-batch whose loss has no gradient: without a KL term, a completion whose
+        advantages are zero on every trained token contributes exactly nothing (uniform-reward groups under GRPO,
+        equal Monte Carlo values under SPO). One row always stays, so every process runs the same backward passes
+        (DDP synchronises gradients inside them)."""
+        batch, behaviour, advantages, mask, old, ref, counts = prepared
+        active = ((advantages != 0) & mask).any(dim=1)
+        if bool(active.all()):
+            return prepared
+        if not bool(active.any()):
+            active[0] = True
+        keep = active.nonzero().squeeze(1)
+        pick = lambda t: t.index_select(0, keep.to(t.device)) if t is not None else None  # noqa: E731
+        batch = Batch(pick(batch.input_ids), pick(batch.attention_mask), pick(batch.position_ids),
+                      pick(batch.completion_mask), batch.prompt_width)
+        return [batch, pick(behaviour), pick(advantages), pick(mask), pick(old), pick(ref), counts]
+
     def _normaliser(self, chunk) -> float:
         """The loss denominator for one optimizer step over several micro-batches, so accumulation gives the
-        same gradient as one big batch."""
+        same gradient as one big batch (counted before idle rows were dropped)."""
         loss_type = self.args.loss_type
         if loss_type == "dapo":
-            return float(max(1, sum(int(p[3].sum()) for p in chunk)))
-        rows = sum(p[3].shape[0] for p in chunk)
+            return float(max(1, sum(p[6][0] for p in chunk)))
+        rows = sum(p[6][1] for p in chunk)
         return float(rows * self.args.max_completion_length) if loss_type == "dr_grpo" else float(rows)
 
     # --- evaluation ------------------------------------------------------------------------------------------------
