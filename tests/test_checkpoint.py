@@ -1,10 +1,15 @@
 import os
 import pickle
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from spo.trainer import checkpoint as ckpt
+from spo.trainer.tracking import MetricsLog
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class _Exploit:
@@ -65,3 +70,44 @@ def test_mismatched_weights_are_refused(tmp_path):
     final, _ = _complete_checkpoint(tmp_path)
     with pytest.raises(ValueError, match="does not match the model"):
         ckpt.load_model_part(final, torch.nn.Linear(2, 3, bias=False))
+
+
+def test_a_crash_while_replacing_or_deleting_leaves_no_half_checkpoint(tmp_path, monkeypatch):
+    _complete_checkpoint(tmp_path, step=1)
+    old, _ = _complete_checkpoint(tmp_path, step=2)
+    replacement = ckpt.staging_dir(tmp_path, 2)
+    replacement.mkdir()
+    new_model = torch.nn.Linear(2, 2)
+    ckpt.write_model_part(replacement, new_model)
+    (replacement / ckpt.MARKER).write_text("2")
+
+    def dies_midway(path, *args, **kwargs):  # the process is killed after deleting one file
+        next(Path(path).glob("*.safetensors")).unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.remove(tmp_path / "checkpoint-1")
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.publish(replacement, tmp_path / "checkpoint-2")
+    monkeypatch.undo()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-2"]
+    model = torch.nn.Linear(2, 2)
+    ckpt.load_model_part(tmp_path / "checkpoint-2", model)
+    assert torch.equal(model.weight, new_model.weight)  # the replacement, whole
+    ckpt.clean_partials(tmp_path)
+    assert not list(tmp_path.glob(".*"))
+
+
+def test_metrics_restart_at_the_resumed_step_without_a_torn_line(tmp_path):
+    log = MetricsLog(tmp_path, enabled=True)
+    for step in (1, 2, 3):
+        log.write(step, {"reward": step / 10})
+    with open(log.metrics_path, "a") as handle:
+        handle.write('{"step": 4, "rew')  # a kill in the middle of a line
+    log.truncate_after(2)
+    assert log.history() == [{"step": 1, "reward": 0.1}, {"step": 2, "reward": 0.2}]
+    log.write(3, {"reward": 0.5})
+    assert [row["step"] for row in log.history()] == [1, 2, 3]
+    log.truncate_after(0)  # a run that starts over
+    assert log.history() == [] and not list(tmp_path.glob(".*"))

@@ -16,6 +16,7 @@ import math
 import os
 import random
 import shutil
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -103,6 +104,7 @@ class RLTrainer:
         trainable = [p for p in model.parameters() if p.requires_grad]
         if not trainable:
             raise ValueError("the model has no trainable parameters")
+        ckpt.check_free_space(self.output_dir, ckpt.estimate_checkpoint_bytes(model))
         optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay,
                                       betas=(args.adam_beta1, args.adam_beta2))
         from transformers import get_scheduler
@@ -155,17 +157,15 @@ class RLTrainer:
         return self.accelerator.unwrap_model(self.model)
 
     def _check_output_dir(self) -> None:
-        """Fail before training, not at the first checkpoint, when the output folder is unusable."""
+        """Fail before training, not at the first checkpoint, when the output folder is unusable (whether it has
+        room for a checkpoint is checked once the trainable parameters are known)."""
         try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            probe = self.output_dir / f".write-test-{os.getpid()}"
-            probe.write_bytes(b"0" * 4096)
-            probe.unlink()
+            with tempfile.TemporaryFile(dir=self.output_dir) as probe:  # unnamed: nothing is left if we are killed
+                probe.write(b"0" * 4096)
+                probe.flush()
         except OSError as error:
             raise OSError(f"output_dir {self.output_dir} is not writable: {error}") from error
-        free = shutil.disk_usage(self.output_dir).free
-        if free < 64 * 2**20:
-            raise OSError(f"output_dir {self.output_dir} has only {free / 2**20:.0f} MiB free; checkpoints need more")
 
     def sampling_params(self, step: int):
         from ..rollout import SamplingParams
@@ -231,6 +231,7 @@ class RLTrainer:
         args = self.args
         if args.resume_from_checkpoint:
             self.resume(args.resume_from_checkpoint)
+        self.metrics_log.truncate_after(self.step)  # rows a killed run logged past its last checkpoint are redone
         self._start_trackers()
         start_step = self.step
         for step in range(start_step, args.max_steps):
@@ -548,14 +549,19 @@ class RLTrainer:
         return state
 
     def save_checkpoint(self) -> Path | None:
+        """Write ``checkpoint-<step>`` atomically. A write that fails (a full disk) removes the partial folder,
+        leaves the earlier checkpoints as they were and raises a ``CheckpointError`` naming the folder and cause."""
         acc = self.accelerator
         staging = ckpt.staging_dir(self.output_dir, self.step)
+        what = f"checkpoint-{self.step}"
         if acc.is_main_process:
             ckpt.clean_partials(self.output_dir)
-            staging.mkdir(parents=True)
-            ckpt.write_model_part(staging, self.unwrapped)
+            with ckpt.removed_on_failure(staging, what):
+                staging.mkdir(parents=True)
+                ckpt.write_model_part(staging, self.unwrapped)
         acc.wait_for_everyone()
-        ckpt.write_rng(staging, acc.process_index, self._rng_state())
+        with ckpt.removed_on_failure(staging, what):
+            ckpt.write_rng(staging, acc.process_index, self._rng_state())
         acc.wait_for_everyone()
         final = None
         if acc.is_main_process:
@@ -564,7 +570,8 @@ class RLTrainer:
                      "buffer": self._buffer_state(), "algorithm": self.algorithm,
                      "world_size": acc.num_processes}
             state.update(self.extra_state())
-            final = ckpt.finalize(staging, self.output_dir, self.step, state, self.args.save_total_limit)
+            with ckpt.removed_on_failure(staging, what):
+                final = ckpt.finalize(staging, self.output_dir, self.step, state, self.args.save_total_limit)
             logger.info("checkpoint written to %s", final)
         acc.wait_for_everyone()
         return final
@@ -609,17 +616,22 @@ class RLTrainer:
         random.setstate(_python_rng_from_tensor(rng["python"]))
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
-        self.metrics_log.truncate_after(self.step)
         logger.info("resumed from %s at step %d", path, self.step)
 
     def save_model(self, output_dir: str | os.PathLike | None = None) -> None:
-        """The trained adapter (PEFT format) or model, plus the tokenizer, as safetensors."""
+        """The trained adapter (PEFT format) or model, plus the tokenizer, as safetensors; written into a hidden
+        folder and published by one rename, like checkpoints."""
         target = Path(output_dir or self.output_dir)
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             folder = target / ("adapter" if self.uses_adapters else "model")
-            self.unwrapped.save_pretrained(folder, safe_serialization=True)
-            self.tokenizer.save_pretrained(folder)
+            staging = target / f".{folder.name}.partial"
+            with ckpt.removed_on_failure(staging, folder.name):
+                if staging.exists():
+                    shutil.rmtree(staging)
+                self.unwrapped.save_pretrained(staging, safe_serialization=True)
+                self.tokenizer.save_pretrained(staging)
+                ckpt.publish(staging, folder)
         self.accelerator.wait_for_everyone()
 
 

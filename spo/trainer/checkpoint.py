@@ -1,13 +1,19 @@
-"""Atomic checkpoints: written into a temporary folder, then renamed, so a kill at any moment leaves either the
-previous complete checkpoint or the new complete one, never a half-written one.
+"""Atomic checkpoints: written into a hidden staging folder, then renamed, so a kill at any moment leaves either
+the previous complete checkpoint or the new complete one, never a half-written one.
 
 Layout of ``checkpoint-<step>/``: ``trainable.safetensors`` (the trainable parameters: adapter pools or full
 weights), ``trainer_state.pt`` (optimizer, scheduler, buffer, data position, step; plain tensors and numbers,
 loaded with ``weights_only=True``), ``rng_state_<rank>.pt`` per process, and ``COMPLETE``.
+
+A visible ``checkpoint-<step>`` folder only ever appears or disappears by one rename: a new one is published from
+``.checkpoint-<step>.partial``, one it replaces or one rotation deletes is first renamed to a hidden name and only
+then removed. Hidden leftovers of a killed run (``.checkpoint-*``) are cleaned up by the next save.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import re
 import shutil
@@ -18,6 +24,12 @@ from safetensors.torch import load_file, save_file
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 MARKER = "COMPLETE"
+OPTIMIZER_COPIES = 3  # a checkpoint holds the trainable weights and Adam's two moments
+LOG_HEADROOM = 64 * 2**20  # metrics, completions, plots and tracker files besides the checkpoints
+
+
+class CheckpointError(OSError):
+    """A checkpoint (or the final model) could not be written; the message names the folder and the cause."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -53,21 +65,91 @@ def write_rng(staging: Path, rank: int, state: dict) -> None:
     torch.save(state, staging / f"rng_state_{rank}.pt")
 
 
+# --- disk space ------------------------------------------------------------------------------------------------
+
+
+def estimate_checkpoint_bytes(model) -> int:
+    """Rough size of one checkpoint: the trainable parameters plus Adam's two moments (same dtype), plus 1 MiB of
+    trainer state and random-number states."""
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return OPTIMIZER_COPIES * trainable + 2**20
+
+
+def check_free_space(output_dir: Path, checkpoint_bytes: int) -> None:
+    """Fail before training, not at the first checkpoint, when ``output_dir`` cannot hold a checkpoint."""
+    needed = checkpoint_bytes + LOG_HEADROOM
+    free = shutil.disk_usage(output_dir).free
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"output_dir {output_dir} has {free:,} bytes free, but training needs about "
+                                    f"{needed:,} (a checkpoint of about {checkpoint_bytes:,} bytes: trainable "
+                                    f"parameters and optimizer state, plus {LOG_HEADROOM:,} for logs); free some "
+                                    "space or choose another output_dir")
+
+
+@contextlib.contextmanager
+def removed_on_failure(staging: Path, what: str):
+    """Run the writes of ``what`` into ``staging``; if one fails (a full disk, a quota, an I/O error), remove the
+    staging folder, leave every published folder as it was, and raise a ``CheckpointError`` naming the cause."""
+    try:
+        yield
+    except Exception as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        code = getattr(error, "errno", None) or errno.EIO
+        try:
+            free = f"{shutil.disk_usage(staging.parent).free:,} bytes free"
+        except OSError:
+            free = "free space unknown"
+        raise CheckpointError(code, f"could not write {what} in {staging.parent} ({free}): "
+                                    f"{type(error).__name__}: {error}. The partial folder was removed; "
+                                    f"{_intact(staging.parent)}") from error
+
+
+def _intact(output_dir: Path) -> str:
+    latest = list_checkpoints(output_dir)
+    if not latest:
+        return "there is no earlier complete checkpoint"
+    return f"the last complete checkpoint, {latest[-1]}, is intact"
+
+
+# --- publishing and removing folders ---------------------------------------------------------------------------
+
+
+def publish(staging: Path, final: Path) -> None:
+    """Flush the complete folder ``staging`` to disk and make it visible as ``final`` in one rename. An existing
+    ``final`` is first renamed to a hidden name and deleted afterwards, so ``final`` is at every moment the old
+    complete folder, absent, or the new complete folder."""
+    for file in staging.rglob("*"):
+        if file.is_file():
+            _fsync_file(file)
+    _fsync_dir(staging)
+    aside = final.with_name(f".{final.name}.replaced")
+    if aside.exists():
+        shutil.rmtree(aside)
+    if final.exists():
+        os.replace(final, aside)
+    os.replace(staging, final)
+    _fsync_dir(final.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def remove(path: Path) -> None:
+    """Delete a folder so that it disappears at once: renamed to a hidden name, then deleted."""
+    hidden = path.with_name(f".{path.name}.removed")
+    if hidden.exists():
+        shutil.rmtree(hidden)
+    os.replace(path, hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
 def finalize(staging: Path, output_dir: Path, step: int, trainer_state: dict, keep: int | None) -> Path:
     """Write the trainer state, flush everything to disk, and publish the folder under its final name."""
     torch.save(trainer_state, staging / "trainer_state.pt")
     (staging / MARKER).write_text(str(step))
-    for file in staging.iterdir():
-        _fsync_file(file)
-    _fsync_dir(staging)
     final = output_dir / f"checkpoint-{step}"
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(staging, final)
-    _fsync_dir(output_dir)
+    publish(staging, final)
     if keep is not None:
         for old in list_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove(old)
     return final
 
 
@@ -108,6 +190,6 @@ def load_state(path: Path, name: str) -> dict:
 
 
 def clean_partials(output_dir: Path) -> None:
-    """Remove staging folders a killed run left behind."""
-    for partial in output_dir.glob(".checkpoint-*.partial"):
+    """Remove what a killed run left hidden: staging folders and checkpoints it was replacing or deleting."""
+    for partial in output_dir.glob(".checkpoint-*"):
         shutil.rmtree(partial, ignore_errors=True)

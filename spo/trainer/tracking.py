@@ -31,13 +31,16 @@ class MetricsLog:
         self.completions_path = output_dir / "completions.jsonl"
 
     def truncate_after(self, step: int) -> None:
-        """On resume: forget what was logged after the checkpoint's step (it will be logged again)."""
+        """When training starts at ``step`` (0, or a checkpoint's): forget what was logged after it (a killed run's
+        rows are logged again), and a line a kill cut short. The files are replaced in one rename."""
         if not self.enabled:
             return
         for path in (self.metrics_path, self.completions_path):
             if path.is_file():
-                kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-                path.write_text("".join(line + "\n" for line in kept))
+                kept = [line for line, row in _read_lines(path) if row.get("step", step + 1) <= step]
+                staging = path.with_name(f".{path.name}.partial")
+                staging.write_text("".join(line + "\n" for line in kept))
+                os.replace(staging, path)
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -53,9 +56,7 @@ class MetricsLog:
                 handle.write(json.dumps({"step": step, **row}) + "\n")
 
     def history(self) -> list[dict]:
-        if not self.metrics_path.is_file():
-            return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
+        return [row for _, row in _read_lines(self.metrics_path)] if self.metrics_path.is_file() else []
 
     def plot(self) -> Path | None:
         """Learning curve: training reward (and held-out accuracy when evaluated) per step."""
@@ -85,3 +86,20 @@ class MetricsLog:
         figure.savefig(path, dpi=110)
         plt.close(figure)
         return path
+
+
+def _read_lines(path: Path) -> list[tuple[str, dict]]:
+    """The lines of a JSONL file with their rows, without a line a kill cut short."""
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict):
+            rows.append((line, row))
+        else:
+            logger.warning("%s line %d is incomplete (a killed run?): dropped", path, number + 1)
+    return rows

@@ -1,0 +1,240 @@
+"""Reliability under faults: runs killed with SIGKILL again and again, full disks."""
+
+import errno
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from spo.data import make_arithmetic_task
+from spo.models import tiny_model
+from spo.trainer import GRPOConfig, GRPOTrainer
+from spo.trainer import checkpoint as ckpt
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "scripts" / "fault_train.py"
+
+
+def vowel_share(completions, **kwargs):
+    return [sum(ch in "aeiou" for ch in c) / max(1, len(c)) for c in completions]
+
+
+def _args(tmp_path, **overrides):
+    base = dict(output_dir=str(tmp_path / "run"), max_steps=1, prompts_per_step=2, num_generations=2,
+                max_completion_length=8, temperature=1.0, top_p=1.0, learning_rate=1e-3,
+                per_device_train_batch_size=4, report_to=["none"], save_steps=None, seed=0)
+    base.update(overrides)
+    return GRPOConfig(**base)
+
+
+def _trainer(tmp_path, tokenizer, dataset=None, model=None, **overrides):
+    return GRPOTrainer(model=model or tiny_model(seed=0), reward_funcs=[vowel_share], args=_args(tmp_path, **overrides),
+                       train_dataset=dataset if dataset is not None else make_arithmetic_task("train", 8),
+                       processing_class=tokenizer)
+
+
+# --- runs killed again and again ------------------------------------------------------------------------------
+
+RECIPE = """
+algorithm: {algorithm}
+model: {model}
+dataset: {{source: "builtin:arithmetic", split: train, limit: 32}}
+reward_funcs: ["fault_train:vowel_share"]
+peft: {peft}
+evaluate_after: false
+train:
+  output_dir: {out}
+  max_steps: {steps}
+  prompts_per_step: 2
+  num_generations: 4
+  max_completion_length: 16
+  temperature: 1.0
+  top_p: 1.0
+  learning_rate: 1.0e-3
+  save_steps: 1
+  save_total_limit: 2
+  report_to: [none]
+{extra}"""
+
+FAST = dict(algorithm="grpo", steps=5, peft="{type: lora, r: 4, target_modules: [q_proj, v_proj]}", extra="")
+SLOW = dict(algorithm="spo_chain", steps=8,
+            peft="{type: mos, r: 4, equivalent_rank: 3, shards_per_vector: 2, private_rank: 1, "
+                 "target_modules: [q_proj, v_proj]}",
+            extra="  mc_samples: 2\n  kv_policy: lazy\n  kv_budget: 0.5\n  use_sample_buffer: true\n"
+                  "  max_mc_states_per_step: 6\n")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, embedded_tokenizer):
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_model(seed=5).save_pretrained(path)
+    embedded_tokenizer.save_pretrained(path)
+    return path
+
+
+def _launch(recipe: Path, resume: bool, fault: str | None = None) -> subprocess.Popen:
+    # one thread each: the reference run goes alongside the killed ones (oversubscribed cores are many times slower)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT), "SPO_TEST_FAULT": fault or ""}
+    return subprocess.Popen([sys.executable, str(SCRIPT), "train", str(recipe), *(["--resume"] if resume else [])],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _rows(out: Path) -> list[dict]:
+    """metrics.jsonl without timings, and without a line a kill cut short."""
+    path = out / "metrics.jsonl"
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return [{k: v for k, v in r.items() if not k.startswith(("timing/", "perf/"))} for r in rows]
+
+
+def _kill_after_progress(process: subprocess.Popen, out: Path, rng: random.Random) -> None:
+    """SIGKILL once the run logged a step past what the last run left, after a seeded random delay (lands in
+    generation, the update, a checkpoint write or logging)."""
+    before = len(_rows(out))
+    deadline = time.time() + 300
+    while process.poll() is None and len(_rows(out)) <= before:
+        assert time.time() < deadline, "the resumed run made no progress"
+        time.sleep(0.02)
+    time.sleep(rng.uniform(0.0, 0.6))
+    if process.poll() is None:
+        process.send_signal(signal.SIGKILL)
+
+
+def _assert_nothing_half_visible(out: Path) -> None:
+    """Every visible checkpoint and the adapter are whole and loadable; anything partial is hidden."""
+    for path in out.iterdir():
+        if path.name.startswith("."):
+            continue
+        if re.fullmatch(r"checkpoint-\d+", path.name):
+            assert (path / ckpt.MARKER).is_file(), f"{path} is visible without its {ckpt.MARKER} marker"
+            load_file(str(path / "trainable.safetensors"))
+            for state in ("trainer_state.pt", "rng_state_0.pt"):
+                ckpt.load_state(path, state)
+        elif path.name == "adapter":
+            load_file(str(path / "adapter_model.safetensors"))
+            json.loads((path / "adapter_config.json").read_text())
+        else:
+            assert path.name in {"metrics.jsonl", "completions.jsonl", "learning_curve.png", "summary.json"}, path
+
+
+def _kill_and_resume(recipe: Path, out: Path, faults: list[str], seed: int) -> list[str]:
+    """Run, kill at each fault in turn (``point:n`` inside this process, ``random`` from outside), resume with
+    --resume each time, then let the last run finish. Returns the runs' outputs."""
+    rng = random.Random(seed)
+    outputs = []
+    for attempt, fault in enumerate([*faults, None]):
+        process = _launch(recipe, resume=attempt > 0, fault=None if fault in (None, "random") else fault)
+        if fault == "random":
+            _kill_after_progress(process, out, rng)
+        output = process.communicate(timeout=600)[0]
+        outputs.append(output)
+        if fault is None:
+            assert process.returncode == 0, output
+        elif fault == "random":  # killed, or finished before the kill
+            assert process.returncode in (0, -signal.SIGKILL), output
+        else:  # the fault really fired
+            assert process.returncode == -signal.SIGKILL, f"{fault} was never reached:\n{output}"
+        _assert_nothing_half_visible(out)
+    return outputs
+
+
+def _assert_same_result(killed: Path, straight: Path) -> None:
+    assert _rows(killed) == _rows(straight)
+    assert [r["step"] for r in _rows(killed)] == list(range(1, len(_rows(straight)) + 1))
+    final, reference = (load_file(str(p / "adapter" / "adapter_model.safetensors")) for p in (killed, straight))
+    assert final.keys() == reference.keys() and final
+    for name in final:
+        assert torch.equal(final[name], reference[name]), name
+    assert not list(killed.glob(".*")), "hidden leftovers after the run finished"
+
+
+def _recipes(tmp_path, model_dir, settings) -> tuple[Path, Path, Path, Path]:
+    paths = []
+    for name in ("straight", "killed"):
+        recipe = tmp_path / f"{name}.yaml"
+        recipe.write_text(RECIPE.format(model=model_dir, out=tmp_path / name, **settings))
+        paths.append(recipe)
+    return paths[0], paths[1], tmp_path / "straight", tmp_path / "killed"
+
+
+def test_repeated_kills_resume_to_the_uninterrupted_result(tmp_path, tiny_model_dir):
+    straight_recipe, killed_recipe, straight, killed = _recipes(tmp_path, tiny_model_dir, FAST)
+    reference = _launch(straight_recipe, resume=False)  # runs alongside the killed chain
+    outputs = _kill_and_resume(killed_recipe, killed, ["weights:2", "random", "rotate:1"], seed=0)
+    output = reference.communicate(timeout=600)[0]
+    assert reference.returncode == 0, output
+    assert all("resumed from" in o for o in outputs[1:2] + outputs[3:]), outputs
+    _assert_same_result(killed, straight)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2])
+def test_many_kills_of_spo_chain_with_mos_and_buffer(tmp_path, tiny_model_dir, seed):
+    straight_recipe, killed_recipe, straight, killed = _recipes(tmp_path, tiny_model_dir, SLOW)
+    reference = _launch(straight_recipe, resume=False)
+    # in an order where each point is reached: every launch but the last still has at least two steps to run
+    faults = ["weights:1", "random", "metrics:2", "random", "publish:2", "rotate:1", "random", "adapter:1"]
+    _kill_and_resume(killed_recipe, killed, faults, seed=seed)
+    output = reference.communicate(timeout=600)[0]
+    assert reference.returncode == 0, output
+    _assert_same_result(killed, straight)
+
+
+# --- a full disk ----------------------------------------------------------------------------------------------
+
+
+def test_too_little_free_space_fails_before_training(tmp_path, embedded_tokenizer, monkeypatch):
+    import shutil
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=2**20))
+    with pytest.raises(OSError, match=r"output_dir .*run has 1,048,576 bytes free, but training needs about "
+                                      r"[\d,]+ \(a checkpoint of about [\d,]+ bytes") as caught:
+        _trainer(tmp_path, embedded_tokenizer)
+    assert caught.value.errno == errno.ENOSPC
+
+
+@pytest.mark.parametrize("target,failing_call", [
+    ("spo.trainer.checkpoint.save_file", 2),  # the trainable weights of the second checkpoint
+    ("torch.save", 4),  # its trainer state (each checkpoint saves an RNG state, then the trainer state)
+])
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, embedded_tokenizer, monkeypatch, target,
+                                                                failing_call):
+    trainer = _trainer(tmp_path, embedded_tokenizer, max_steps=2, save_steps=1)
+    module, _, name = target.rpartition(".")
+    original = getattr(sys.modules[module], name)
+    calls = []
+
+    def fails_when_full(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == failing_call:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sys.modules[module], name, fails_when_full)
+    with pytest.raises(ckpt.CheckpointError, match=r"could not write checkpoint-2 in .*run \([\d,]+ bytes free\): "
+                                                    r"OSError: .*No space left on device.* the last complete "
+                                                    r"checkpoint, .*checkpoint-1, is intact") as caught:
+        trainer.train()
+    assert caught.value.errno == errno.ENOSPC
+    out = Path(trainer.args.output_dir)
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-1"]
+    assert not list(out.glob(".checkpoint-*")) and not (out / "checkpoint-2").exists()
+    monkeypatch.undo()
+    _assert_nothing_half_visible(out)
+    resumed = _trainer(tmp_path, embedded_tokenizer, max_steps=2, save_steps=1, resume_from_checkpoint="latest")
+    assert [row["step"] for row in resumed.train()] == [1, 2]
