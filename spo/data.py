@@ -9,6 +9,7 @@ reward functions can read them.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import random
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
+
+logger = logging.getLogger(__name__)
 
 ANSWER_INSTRUCTION = "Solve the problem step by step. End with the final answer on its own line as: #### <number>"
 ARITHMETIC_INSTRUCTION = "Think step by step, then write the final answer as: The answer is <number>."
@@ -145,25 +148,98 @@ def load_problems(
     return raw.map(convert, with_indices=True, desc="formatting prompts")
 
 
-def tokenize_prompts(tokenizer, prompts: list, max_prompt_length: int | None = None) -> list[list[int]]:
-    """Token ids of chat prompts (lists of messages) through the tokenizer's chat template, with the generation
-    prompt appended; plain strings are tokenized as they are. Prompts longer than ``max_prompt_length`` raise."""
+def tokenizer_name(tokenizer) -> str:
+    return getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
+
+
+def plain_text(messages: list[dict]) -> str:
+    """Chat messages as plain text, for a tokenizer without a chat template: their contents, a blank line apart."""
+    return "\n\n".join(m["content"].strip() for m in messages if m["content"].strip()) + "\n"
+
+
+def prompt_problem(prompt) -> str | None:
+    """What is wrong with a prompt (text, or a list of chat messages), as the end of a sentence about it; None when
+    nothing is."""
+    if isinstance(prompt, str):
+        return None if prompt.strip() else "is empty"
+    if not isinstance(prompt, (list, tuple)):
+        return f"must be text or a list of chat messages, got {type(prompt).__name__}"
+    for j, message in enumerate(prompt):
+        if not isinstance(message, dict) or "role" not in message or not isinstance(message.get("content"), str):
+            return f"message {j} is not a chat message with a 'role' and text 'content'"
+    return None if any(m["content"].strip() for m in prompt) else "is empty (no message has any text)"
+
+
+def tokenize_prompt(tokenizer, prompt) -> list[int]:
+    """Token ids of one prompt: a chat prompt through the tokenizer's chat template with the generation prompt
+    appended, plain text as it is. A tokenizer without a chat template gets a chat prompt's plain text (as TRL
+    gives plain-text prompts to the model), with a warning the first time."""
+    if isinstance(prompt, str):
+        return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    if getattr(tokenizer, "chat_template", None) is None:
+        _warn_once(f"tokenizer {tokenizer_name(tokenizer)} has no chat template: chat prompts are given to the "
+                   "model as the plain text of their messages. Set tokenizer.chat_template (or give plain-text "
+                   "prompts) to choose the format.")
+        return list(tokenizer(plain_text(prompt), add_special_tokens=False)["input_ids"])
+    return list(tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True,
+                                              return_dict=True)["input_ids"])
+
+
+def tokenize_prompts(tokenizer, prompts: list, max_prompt_length: int | None = None, *, first_row: int = 0,
+                     where: str = "", limit_name: str | None = None,
+                     skipped: dict[int, str] | None = None) -> list[list[int]]:
+    """Token ids of prompts (see :func:`tokenize_prompt`). A prompt that is empty, malformed or longer than
+    ``max_prompt_length`` tokens raises a ValueError naming its row (counted from ``first_row``, in the data set
+    ``where``) and field; when a dict ``skipped`` is given, such rows are left out and recorded there instead
+    (row -> reason). ``limit_name`` says where the length limit comes from in the message."""
     ids = []
-    for i, prompt in enumerate(prompts):
-        if isinstance(prompt, str):
-            tokens = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    limit_name = limit_name or f"max_prompt_length={max_prompt_length}"
+    for row, prompt in enumerate(prompts, start=first_row):
+        problem = prompt_problem(prompt)
+        if problem is None:
+            tokens = tokenize_prompt(tokenizer, prompt)
+            if not tokens:
+                problem = "is empty after tokenization"
+            elif max_prompt_length is not None and len(tokens) > max_prompt_length:
+                problem = f"has {len(tokens)} tokens, more than {limit_name}"
+        if problem is None:
+            ids.append(tokens)
+        elif skipped is None:
+            raise ValueError(f"{where + ' ' if where else ''}row {row}: field 'prompt' {problem}")
         else:
-            if tokenizer.chat_template is None:
-                raise ValueError("the tokenizer has no chat template: give plain-text prompts, or set "
-                                 "tokenizer.chat_template")
-            tokens = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
-                                                   return_dict=True)["input_ids"]
-        if not tokens:
-            raise ValueError(f"prompt {i} is empty")
-        if max_prompt_length is not None and len(tokens) > max_prompt_length:
-            raise ValueError(f"prompt {i} has {len(tokens)} tokens, more than max_prompt_length={max_prompt_length}")
-        ids.append(list(tokens))
+            skipped[row] = problem
     return ids
+
+
+def tokenize_dataset(tokenizer, dataset: Dataset, max_prompt_length: int | None, on_error: str = "raise",
+                     where: str = "train_dataset", limit_name: str | None = None
+                     ) -> tuple[Dataset, list[list[int]], dict[int, str]]:
+    """The rows of ``dataset`` to train on, their prompts' token ids, and the rows left out (row -> reason).
+    ``on_error="raise"``: an unusable prompt is an error naming its row; ``"skip"``: its row is left out, counted
+    and logged."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    skipped: dict[int, str] | None = {} if on_error == "skip" else None
+    ids = tokenize_prompts(tokenizer, dataset["prompt"], max_prompt_length, where=where, limit_name=limit_name,
+                           skipped=skipped)
+    if not skipped:
+        return dataset, ids, {}
+    examples = "; ".join(f"row {row}: field 'prompt' {why}" for row, why in list(skipped.items())[:3])
+    if len(skipped) == len(dataset):
+        raise ValueError(f"every row of {where} has an unusable prompt ({examples})")
+    logger.warning("%s: skipped %d of %d rows with an unusable prompt (%s%s)", where, len(skipped), len(dataset),
+                   examples, "; ..." if len(skipped) > 3 else "")
+    kept = [row for row in range(len(dataset)) if row not in skipped]
+    return dataset.select(kept), ids, skipped
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
 
 
 # --- The built-in arithmetic word-problem task ---------------------------------------------------------------

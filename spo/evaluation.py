@@ -118,7 +118,7 @@ def evaluate(model, tokenizer, dataset, reward_funcs, *, num_samples: int = 1, t
         bar = tqdm(total=len(dataset), desc="evaluating", unit="problem", disable=not progress)
         for begin in range(0, len(dataset), prompts_per_batch):
             rows = dataset.select(range(begin, min(begin + prompts_per_batch, len(dataset))))
-            prompt_ids = tokenize_prompts(tokenizer, rows["prompt"])
+            prompt_ids = tokenize_prompts(tokenizer, rows["prompt"], first_row=begin, where="eval data set")
             batch = generator.generate(prompt_ids, params, num_return_sequences=num_samples)
             order = sorted(range(len(batch.rollouts)), key=lambda i: batch.rollouts[i].prompt_index)
             rollouts = [batch.rollouts[i] for i in order]

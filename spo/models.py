@@ -96,11 +96,22 @@ def load_tokenizer(name_or_path: str | os.PathLike, trust_remote_code: bool = Fa
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ValueError(f"tokenizer of {name_or_path} has neither a pad token nor an EOS token")
-        tokenizer.pad_token = tokenizer.eos_token
+    ensure_pad_token(tokenizer)
     tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def ensure_pad_token(tokenizer):
+    """Give a tokenizer without a pad token its EOS token as the pad token (as TRL does), saying so once; a
+    tokenizer with neither is an error naming it."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer
+    name = getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
+    if tokenizer.eos_token is None:
+        raise ValueError(f"tokenizer {name} has neither a pad token nor an EOS token: set tokenizer.pad_token "
+                         "to one of its tokens")
+    tokenizer.pad_token = tokenizer.eos_token
+    logger.info("tokenizer %s has no pad token: padding with its EOS token %r", name, tokenizer.eos_token)
     return tokenizer
 
 

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from spo.data import (DEFAULT_DIFFICULTY, arithmetic_problems, load_problems, make_arithmetic_task,
-                      tokenize_prompts)
+from spo.data import (DEFAULT_DIFFICULTY, arithmetic_problems, load_problems, make_arithmetic_task, plain_text,
+                      prompt_problem, tokenize_prompts)
 
 
 def test_builtin_task_is_deterministic_and_splits_never_overlap():
@@ -81,7 +81,40 @@ def test_builtin_source_and_chat_prompts(embedded_tokenizer):
     ids = tokenize_prompts(embedded_tokenizer, ds["prompt"])
     text = embedded_tokenizer.decode(ids[0])
     assert text.rstrip().endswith("<|im_start|>assistant") and ds[0]["question"] in text
-    with pytest.raises(ValueError, match="prompt 0 has .* tokens, more than max_prompt_length=5"):
+    with pytest.raises(ValueError, match="row 0: field 'prompt' has .* tokens, more than max_prompt_length=5"):
         tokenize_prompts(embedded_tokenizer, ds["prompt"], max_prompt_length=5)
     assert make_arithmetic_task("test", 4)["question"] == ds["question"]
     assert DEFAULT_DIFFICULTY in range(1, 7)
+
+
+@pytest.mark.parametrize("prompt,problem", [
+    ("", "is empty"), ("  \n", "is empty"), ([], "is empty (no message has any text)"),
+    ([{"role": "user", "content": " "}], "is empty (no message has any text)"),
+    ([{"role": "user"}], "message 0 is not a chat message with a 'role' and text 'content'"),
+    (None, "must be text or a list of chat messages, got NoneType"), (7, "must be text or a list of chat messages"),
+    ("2+2?", None), ([{"role": "system", "content": ""}, {"role": "user", "content": "2+2?"}], None),
+])
+def test_prompt_problems_are_described(prompt, problem):
+    found = prompt_problem(prompt)
+    assert found is None if problem is None else found.startswith(problem)
+
+
+def test_prompt_errors_name_the_row_or_are_recorded(embedded_tokenizer):
+    prompts = ["1+1?", "", "x " * 50]
+    with pytest.raises(ValueError, match="eval data set row 41: field 'prompt' is empty"):
+        tokenize_prompts(embedded_tokenizer, prompts, first_row=40, where="eval data set")
+    skipped = {}
+    ids = tokenize_prompts(embedded_tokenizer, prompts, max_prompt_length=10, skipped=skipped)
+    assert len(ids) == 1 and skipped == {1: "is empty", 2: "has 51 tokens, more than max_prompt_length=10"}
+
+
+def test_chat_prompts_without_a_chat_template_are_plain_text(embedded_tokenizer, caplog):
+    import copy
+
+    tokenizer = copy.deepcopy(embedded_tokenizer)
+    tokenizer.chat_template = None
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " 2+2? "}]
+    assert plain_text(messages) == "Be brief.\n\n2+2?\n"
+    ids = tokenize_prompts(tokenizer, [messages, messages])
+    assert ids[0] == ids[1] == tokenizer(plain_text(messages), add_special_tokens=False)["input_ids"]
+    assert caplog.text.count("has no chat template") <= 1  # warned once per tokenizer (maybe by an earlier test)

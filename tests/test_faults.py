@@ -1,7 +1,10 @@
-"""Reliability under faults: runs killed with SIGKILL again and again, full disks."""
+"""Reliability under faults and bad input: runs killed with SIGKILL again and again, full disks, tokenizers without a
+chat template or pad token, unusable prompts, and configurations that cannot fit the model."""
 
+import copy
 import errno
 import json
+import logging
 import os
 import random
 import re
@@ -13,9 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from datasets import Dataset
 from safetensors.torch import load_file
 
-from spo.data import make_arithmetic_task
+from spo.data import make_arithmetic_task, plain_text
 from spo.models import tiny_model
 from spo.trainer import GRPOConfig, GRPOTrainer
 from spo.trainer import checkpoint as ckpt
@@ -238,3 +242,92 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, embedd
     _assert_nothing_half_visible(out)
     resumed = _trainer(tmp_path, embedded_tokenizer, max_steps=2, save_steps=1, resume_from_checkpoint="latest")
     assert [row["step"] for row in resumed.train()] == [1, 2]
+
+
+# --- tokenizers without a chat template or a pad token -------------------------------------------------------
+
+
+def test_a_tokenizer_without_chat_template_or_pad_token_trains_and_evaluates(tmp_path, embedded_tokenizer, caplog):
+    tokenizer = copy.deepcopy(embedded_tokenizer)
+    tokenizer.chat_template = None
+    tokenizer.pad_token = None
+    task = make_arithmetic_task("train", 8)
+    with caplog.at_level(logging.INFO):
+        trainer = _trainer(tmp_path, tokenizer, dataset=task, eval_steps=1, eval_limit=2, eval_max_new_tokens=4)
+        trainer.eval_dataset = make_arithmetic_task("test", 2)
+        history = trainer.train()
+    assert tokenizer.pad_token == tokenizer.eos_token
+    assert trainer.prompt_ids[0] == tokenizer(plain_text(task[0]["prompt"]), add_special_tokens=False)["input_ids"]
+    assert task[0]["question"] in tokenizer.decode(trainer.prompt_ids[0])
+    assert [row["step"] for row in history] == [1] and "eval/accuracy" in history[0]
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("has no chat template" in m for m in messages) == 1, messages  # once, for training and evaluation
+    assert sum("has no pad token: padding with its EOS token" in m for m in messages) == 1, messages
+
+
+def test_a_tokenizer_with_neither_pad_nor_eos_is_named(tmp_path, embedded_tokenizer):
+    tokenizer = copy.deepcopy(embedded_tokenizer)
+    tokenizer.pad_token = None
+    tokenizer.eos_token = None
+    with pytest.raises(ValueError, match="tokenizer .*smollm2.* has neither a pad token nor an EOS token"):
+        _trainer(tmp_path, tokenizer)
+
+
+# --- unusable prompts -----------------------------------------------------------------------------------------
+
+
+def _chat_rows(contents: list[str]) -> Dataset:
+    return Dataset.from_list([{"prompt": [{"role": "user", "content": c}], "answer": "1"} for c in contents])
+
+
+HUGE = "many words " * 3000
+
+
+@pytest.mark.parametrize("dataset,overrides,match", [
+    (_chat_rows(["1+1?", "2+2?", " "]), {}, r"train_dataset row 2: field 'prompt' is empty \(no message has any text"),
+    (Dataset.from_list([{"prompt": "1+1?"}, {"prompt": ""}]), {}, "train_dataset row 1: field 'prompt' is empty"),
+    (_chat_rows(["1+1?", HUGE]), {"max_prompt_length": 64},
+     "train_dataset row 1: field 'prompt' has 6\\d{3} tokens, more than max_prompt_length=64"),
+    (_chat_rows([HUGE + HUGE]), {"max_prompt_length": None},
+     r"row 0: field 'prompt' has 1\d{4} tokens, more than the 2040 tokens the model's context "
+     r"\(max_position_embeddings=2048\) leaves after max_completion_length=8"),
+])
+def test_an_unusable_prompt_is_named_by_row_and_field(tmp_path, embedded_tokenizer, dataset, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        _trainer(tmp_path, embedded_tokenizer, dataset=dataset, **overrides)
+
+
+def test_unusable_prompts_can_be_skipped_and_counted(tmp_path, embedded_tokenizer, caplog):
+    dataset = _chat_rows(["1+1?", "", "2+2?", HUGE, "3+3?"])
+    with caplog.at_level(logging.WARNING):
+        trainer = _trainer(tmp_path, embedded_tokenizer, dataset=dataset, prompt_errors="skip", max_prompt_length=64)
+    assert sorted(trainer.skipped_prompts) == [1, 3] and "more than max_prompt_length=64" in trainer.skipped_prompts[3]
+    assert trainer.train_dataset["prompt"] == [dataset[i]["prompt"] for i in (0, 2, 4)]
+    assert "train_dataset: skipped 2 of 5 rows with an unusable prompt (row 1: field 'prompt' is empty" in caplog.text
+    assert [row["step"] for row in trainer.train()] == [1]
+    with pytest.raises(ValueError, match="every row of train_dataset has an unusable prompt"):
+        _trainer(tmp_path, embedded_tokenizer, dataset=_chat_rows(["", " "]), prompt_errors="skip")
+
+
+# --- configurations that cannot work -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"max_prompt_length": 2000, "max_completion_length": 100},
+     r"max_prompt_length \+ max_completion_length = 2000 \+ 100 tokens do not fit the model's context "
+     r"\(max_position_embeddings=2048\)"),
+    ({"max_prompt_length": None, "max_completion_length": 2048},
+     r"max_completion_length = 2048 \(plus at least one prompt token\) tokens do not fit"),
+    ({"kv_policy": "lazy", "kv_budget": 4096},
+     r"kv_budget=4096 tokens is larger than the model's context \(max_position_embeddings=2048\)"),
+])
+def test_lengths_that_cannot_fit_the_model_are_refused(tmp_path, embedded_tokenizer, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        _trainer(tmp_path, embedded_tokenizer, **overrides)
+
+
+def test_generation_batch_must_hold_whole_groups():
+    with pytest.raises(ValueError, match="generation_batch_size=10 must be a multiple of num_generations=4"):
+        GRPOConfig(num_generations=4, generation_batch_size=10)
+    assert GRPOConfig(num_generations=6).generation_batch_size == 60  # the default adapts: 64 rounded down
+    assert GRPOConfig(num_generations=100).generation_batch_size == 100

@@ -28,11 +28,11 @@ from accelerate.utils import set_seed
 from rewards import compute_rewards, get_reward, reward_name
 
 from ..advantages import whiten
-from ..data import tokenize_prompts
+from ..data import tokenize_dataset
 from ..loss import policy_loss, probability_mask
-from ..models import load_model, load_tokenizer, setup_cpu_math
+from ..models import ensure_pad_token, load_model, load_tokenizer, setup_cpu_math
 from . import checkpoint as ckpt
-from .config import GRPOConfig
+from .config import GRPOConfig, check_fits_model, prompt_limit
 from .logprobs import completion_logprobs
 from .samples import Batch, Sample, collate, pad_rows
 from .tracking import MetricsLog, wandb_mode
@@ -73,9 +73,8 @@ class RLTrainer:
             model = load_model(model, device=self.accelerator.device)
         if processing_class is None:
             processing_class = load_tokenizer(model.config._name_or_path)
-        self.tokenizer = processing_class
-        if self.tokenizer.pad_token_id is None:
-            raise ValueError("the tokenizer needs a pad token (or an EOS token to pad with)")
+        self.tokenizer = ensure_pad_token(processing_class)
+        check_fits_model(args, model.config)
         if peft_config is not None:
             import lora_shards  # noqa: F401  (registers MoS with PEFT)
             from peft import get_peft_model
@@ -121,8 +120,11 @@ class RLTrainer:
             raise ValueError(f"prompts_per_step={args.prompts_per_step} must be divisible by the number of "
                              f"processes ({world})")
         self.prompts_per_process = args.prompts_per_step // world
+        max_prompt_tokens, limit_name = prompt_limit(args, self.unwrapped.config)
+        # rows with an unusable prompt are an error, or left out (prompt_errors="skip") and listed here
+        train_dataset, self.prompt_ids, self.skipped_prompts = tokenize_dataset(
+            self.tokenizer, train_dataset, max_prompt_tokens, args.prompt_errors, limit_name=limit_name)
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
-        self.prompt_ids = tokenize_prompts(self.tokenizer, train_dataset["prompt"], args.max_prompt_length)
         # columns as Python lists once: reward functions read them for every rollout and continuation
         self.prompts = list(train_dataset["prompt"])
         self.column_values = {c: list(train_dataset[c]) for c in train_dataset.column_names if c != "prompt"}

@@ -17,13 +17,18 @@ class GRPOConfig:
     # generation
     prompts_per_step: int = 8  # over all processes; each process takes an equal share
     num_generations: int = 8  # samples per prompt (the group)
-    max_prompt_length: int | None = 512
+    max_prompt_length: int | None = 512  # None: the model's context minus max_completion_length
+    # a row of train_dataset whose prompt is empty, malformed or too long: "raise" stops with an error naming the row,
+    # "skip" leaves it out (listed in trainer.skipped_prompts and logged)
+    prompt_errors: Literal["raise", "skip"] = "raise"
     max_completion_length: int = 256
     temperature: float = 0.6
     top_p: float = 0.9
     top_k: int = 0
     stop: list[str] = field(default_factory=list)
-    generation_batch_size: int = 64  # rows decoded at once
+    # rows decoded at once, a multiple of num_generations (a prompt's group decodes together); None: 64 rounded down
+    # to a multiple of num_generations
+    generation_batch_size: int | None = None
     kv_policy: str = "full"
     kv_budget: float | None = None  # tokens (>= 1) or a fraction of the sequence (< 1)
     kv_kwargs: dict = field(default_factory=dict)
@@ -77,6 +82,8 @@ class GRPOConfig:
     resume_from_checkpoint: str | None = None  # a checkpoint folder, or "latest"
 
     def __post_init__(self):
+        if self.generation_batch_size is None and self.num_generations >= 1:
+            self.generation_batch_size = max(1, 64 // self.num_generations) * self.num_generations
         checks = [
             (self.max_steps >= 1, "max_steps must be >= 1"),
             (self.prompts_per_step >= 1, "prompts_per_step must be >= 1"),
@@ -97,6 +104,11 @@ class GRPOConfig:
             (self.advantage_estimator != "rloo" or self.num_generations >= 2, "RLOO needs num_generations >= 2"),
             (self.rollout_dtype in (None, "float32", "bfloat16", "float16"),
              f"rollout_dtype must be null, 'float32', 'bfloat16' or 'float16', got {self.rollout_dtype!r}"),
+            (self.generation_batch_size is not None and self.generation_batch_size >= 1,
+             "generation_batch_size must be >= 1"),
+            (self.num_generations < 1 or (self.generation_batch_size or 1) % self.num_generations == 0,
+             f"generation_batch_size={self.generation_batch_size} must be a multiple of num_generations="
+             f"{self.num_generations}: the completions of a prompt are decoded in the same batch"),
         ]
         for ok, message in checks:
             if not ok:
@@ -107,6 +119,44 @@ class GRPOConfig:
     @property
     def epsilon_upper(self) -> float:
         return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+
+def model_context(model_config) -> int | None:
+    """The model's context window in tokens (``max_position_embeddings``), or None when its config does not say."""
+    text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    context = getattr(text_config, "max_position_embeddings", None)
+    return context if isinstance(context, int) and context > 0 else None
+
+
+def prompt_limit(args: GRPOConfig, model_config) -> tuple[int | None, str]:
+    """The longest prompt in tokens, and how to name that limit in messages: ``max_prompt_length``, else what the
+    model's context leaves after ``max_completion_length``."""
+    if args.max_prompt_length is not None:
+        return args.max_prompt_length, f"max_prompt_length={args.max_prompt_length}"
+    context = model_context(model_config)
+    if context is None:
+        return None, "no limit"
+    return (context - args.max_completion_length,
+            f"the {context - args.max_completion_length} tokens the model's context (max_position_embeddings="
+            f"{context}) leaves after max_completion_length={args.max_completion_length}")
+
+
+def check_fits_model(args: GRPOConfig, model_config) -> None:
+    """Fail before training when the lengths or the KV budget asked for cannot fit the model's context window."""
+    context = model_context(model_config)
+    if context is None:
+        return
+    prompt = args.max_prompt_length if args.max_prompt_length is not None else 1
+    if prompt + args.max_completion_length > context:
+        what = ("max_prompt_length + max_completion_length = "
+                f"{args.max_prompt_length} + {args.max_completion_length}" if args.max_prompt_length is not None
+                else f"max_completion_length = {args.max_completion_length} (plus at least one prompt token)")
+        raise ValueError(f"{what} tokens do not fit the model's context (max_position_embeddings={context}); "
+                         "lower them")
+    budget = args.kv_budget
+    if budget is not None and budget > 1 and budget > context:
+        raise ValueError(f"kv_budget={budget:g} tokens is larger than the model's context "
+                         f"(max_position_embeddings={context}); give at most {context} tokens or a fraction in (0, 1]")
 
 
 @dataclass
