@@ -1,14 +1,18 @@
 """Calling reward functions safely and combining them with weights, as TRL does.
 
 Each function returns one value per completion: a float, or None when it does not apply to that sample. The
-total is the weighted sum of the values that apply. A function that raises, returns the wrong number of
-values, or returns NaN/inf is an error naming the function; with ``on_error="skip"`` the offending samples
-are skipped (their total is NaN) and counted instead.
+total is the weighted sum of the values that apply; a sample no function applies to has no total (NaN: it is not
+trained on), with a warning as in TRL, and a batch no function applies to at all is an error. A function that
+raises, returns something other than a list of numbers, the wrong number of values, or NaN/inf is an error
+naming the function; with ``on_error="skip"`` the offending samples are skipped (their total is NaN) and counted
+instead.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -16,6 +20,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .registry import RewardFunc, reward_name
+
+
+logger = logging.getLogger(__name__)
 
 
 class RewardError(RuntimeError):
@@ -28,6 +35,7 @@ class RewardScores:
     total: torch.Tensor  # [N], NaN for skipped samples
     names: list[str]
     skipped: dict[str, int] = field(default_factory=dict)  # function name -> samples skipped
+    unscored: int = 0  # samples every function returned None for
 
     @property
     def valid(self) -> torch.Tensor:
@@ -35,6 +43,8 @@ class RewardScores:
 
 
 def _check_values(name: str, values, n: int) -> list[float | None]:
+    if isinstance(values, (str, bytes, Mapping)):
+        raise RewardError(f"reward function {name!r} returned {type(values).__name__}, expected a list of numbers")
     if not isinstance(values, (list, tuple)):
         try:
             values = list(values)
@@ -142,5 +152,21 @@ def compute_rewards(
     weight = torch.tensor(weights, dtype=table.dtype)
     applies = ~torch.isnan(table)
     total = torch.where(applies, table * weight, torch.zeros_like(table)).sum(dim=1)
-    total[~applies.any(dim=1) | bad_rows] = float("nan")
-    return RewardScores(per_function=table, total=total, names=names, skipped=skipped)
+    unscored = ~applies.any(dim=1) & ~bad_rows
+    total[unscored | bad_rows] = float("nan")
+    _report_unscored(unscored, names, on_error)
+    return RewardScores(per_function=table, total=total, names=names, skipped=skipped, unscored=int(unscored.sum()))
+
+
+def _report_unscored(unscored: torch.Tensor, names: list[str], on_error: str) -> None:
+    """Samples no reward function applies to are not trained on: a warning, or an error when that is every sample
+    of the batch (the functions do not fit the data) and errors are not being skipped."""
+    count, n = int(unscored.sum()), unscored.numel()
+    if not count:
+        return
+    message = (f"every reward function ({', '.join(map(repr, names))}) returned None for {count} of {n} "
+               f"completions (the first is sample {int(unscored.nonzero()[0])}); they get no reward")
+    if count == n and on_error == "raise":
+        raise RewardError(f"{message}. Check that the reward functions apply to this data set (its columns), "
+                          "or make them return a number")
+    logger.warning(message)

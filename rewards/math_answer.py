@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -85,8 +86,14 @@ class MathChecker:
             self._process.wait()
         self._process = None
 
+    @property
+    def worker_pid(self) -> int | None:
+        """Process id of the running worker, if one is running."""
+        return self._process.pid if self._process is not None and self._process.poll() is None else None
+
     def check(self, gold: str, prediction: str) -> bool | None:
-        """True/False, or None when the check ran out of time or the worker crashed (the worker is replaced)."""
+        """True/False, or None when the check ran out of time or the worker crashed on it (the worker is replaced,
+        the event counted in ``stats`` and logged with its cause)."""
         with self._lock:
             if self._process is None or self._process.poll() is not None:
                 self._start()
@@ -94,24 +101,41 @@ class MathChecker:
                 self._process.stdin.write(json.dumps([gold, prediction]) + "\n")
                 self._process.stdin.flush()
                 line = self._readline(self.timeout)
-                if line:
-                    self.stats["checked"] += 1
-                    return bool(json.loads(line))
-                if line is None:
-                    self.stats["timeouts"] += 1
-                    logger.warning("math check timed out after %.1fs; the answer is scored 0", self.timeout)
-                else:
-                    self.stats["crashes"] += 1
-                    logger.warning("the math checker crashed on an answer; it is scored 0")
-            except (BrokenPipeError, OSError):
+            except OSError:  # the worker died before reading the request (a broken pipe)
+                line = ""
+            if line:
+                self.stats["checked"] += 1
+                return bool(json.loads(line))
+            if line is None:
+                self.stats["timeouts"] += 1
+                logger.warning("math check timed out after %.1fs on the answer %r; it is scored 0", self.timeout,
+                               _excerpt(prediction))
+            else:
                 self.stats["crashes"] += 1
-                logger.warning("the math checker crashed on an answer; it is scored 0")
+                logger.warning("the math checker worker %s on the answer %r; it is scored 0 and the worker "
+                               "replaced", self._exit_cause(), _excerpt(prediction))
             self._stop()
             return None
+
+    def _exit_cause(self) -> str:
+        try:
+            code = self._process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            return "stopped answering"
+        if code < 0:
+            try:
+                return f"was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"was killed by signal {-code}"
+        return f"exited with status {code}"
 
     def close(self) -> None:
         with self._lock:
             self._stop()
+
+
+def _excerpt(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-limit // 2:]}"
 
 
 _default_checker: MathChecker | None = None

@@ -96,6 +96,28 @@ def test_math_checker_times_out_off_the_main_thread_and_recovers():
     assert results["after"] is True  # a fresh worker replaced the killed one
 
 
+def test_a_math_checker_worker_that_crashes_is_replaced_and_the_answer_scored_zero(monkeypatch, caplog):
+    import os
+    import signal
+
+    import rewards.math_answer
+
+    checker = MathChecker(timeout=60.0)
+    monkeypatch.setattr(rewards.math_answer, "_default_checker", checker)
+    assert math_accuracy(completions=["$\\boxed{2}$"], answer=["2"]) == [1.0]  # the worker is up
+    crashed = checker.worker_pid
+    # the worker dies in the middle of an answer (here: killed while it grinds on a huge power tower)
+    threading.Timer(1.0, os.kill, (crashed, signal.SIGKILL)).start()
+    with caplog.at_level("WARNING"):
+        assert math_accuracy(completions=["$\\boxed{" + "9^" * 40 + "9}$"], answer=["1"]) == [0.0]
+    assert checker.stats["crashes"] == 1 and checker.stats["timeouts"] == 0
+    assert "the math checker worker was killed by SIGKILL on the answer '$\\\\boxed{9^9^" in caplog.text
+    assert "scored 0 and the worker replaced" in caplog.text
+    assert math_accuracy(completions=["$\\boxed{0.5}$"], answer=["\\frac{1}{2}"]) == [1.0]  # a fresh worker
+    assert checker.worker_pid not in (None, crashed)
+    checker.close()
+
+
 def test_format_reward():
     assert format_reward(completions=["#### 3", "The answer is 4", "\\boxed{5}", "maybe 6"]) == [1, 1, 1, 0]
 
@@ -130,11 +152,30 @@ def test_weighted_combination_and_none_means_not_applicable():
     (lambda completions, **kw: [1.0], "'bad' returned 1 values for 2 completions"),
     (lambda completions, **kw: [1.0, float("nan")], "'bad' returned nan for sample 1"),
     (lambda completions, **kw: [1.0, "x"], "'bad' returned 'x' for sample 1"),
+    (lambda completions, **kw: [float("inf"), 1.0], "'bad' returned inf for sample 0"),
+    (lambda completions, **kw: {"a": 1.0, "b": 0.0}, "'bad' returned dict, expected a list of numbers"),
+    (lambda completions, **kw: "10", "'bad' returned str, expected a list of numbers"),
+    (lambda completions, **kw: 1.0, "'bad' returned float, expected a list"),
+    (lambda completions, **kw: [None, None], r"every reward function \('bad'\) returned None for 2 of 2 completions"),
 ])
 def test_misbehaving_reward_is_named(bad, match):
     bad.__name__ = "bad"
     with pytest.raises(RewardError, match=match):
         compute_rewards([bad], prompts=["p", "q"], completions=["a", "b"])
+
+
+def test_samples_no_function_scores_are_counted_and_logged(caplog):
+    def only_first(completions, **kw):
+        return [1.0] + [None] * (len(completions) - 1)
+
+    def never(completions, **kw):
+        return [None] * len(completions)
+
+    scores = compute_rewards([only_first, never], prompts=["p"] * 3, completions=["a", "b", "c"])
+    assert scores.unscored == 2 and scores.valid.tolist() == [True, False, False]
+    assert "returned None for 2 of 3 completions (the first is sample 1)" in caplog.text
+    skipped = compute_rewards([never], prompts=["p"], completions=["a"], on_error="skip")  # skip: no error
+    assert skipped.unscored == 1 and not skipped.valid.any()
 
 
 def test_misbehaving_samples_can_be_skipped_and_counted():
