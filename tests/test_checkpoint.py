@@ -1,3 +1,4 @@
+import ast
 import os
 import pickle
 import shutil
@@ -111,3 +112,34 @@ def test_metrics_restart_at_the_resumed_step_without_a_torn_line(tmp_path):
     assert [row["step"] for row in log.history()] == [1, 2, 3]
     log.truncate_after(0)  # a run that starts over
     assert log.history() == [] and not list(tmp_path.glob(".*"))
+
+
+def _defaults(tree):
+    """(name, default expression) of every function parameter and annotated class field with a default."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            positional = node.args.posonlyargs + node.args.args
+            yield from ((a.arg, d) for a, d in zip(positional[::-1], node.args.defaults[::-1]))
+            yield from ((a.arg, d) for a, d in zip(node.args.kwonlyargs, node.args.kw_defaults) if d is not None)
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
+            yield node.target.id, node.value
+
+
+def test_loading_never_unpickles_or_runs_remote_code_by_default():
+    """Every torch.load in the library passes weights_only=True, and trust_remote_code is never on by default."""
+    sources = [p for package in ("spo", "lora_shards", "rewards") for p in sorted((ROOT / package).rglob("*.py"))]
+    loads = remote_code_defaults = 0
+    for path in sources:
+        tree = ast.parse(path.read_text(), str(path))
+        for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call) and ast.unparse(n.func) == "torch.load"):
+            loads += 1
+            keywords = {k.arg: ast.unparse(k.value) for k in call.keywords}
+            assert keywords.get("weights_only") == "True", f"{path}:{call.lineno} torch.load without weights_only=True"
+        for node in ast.walk(tree):
+            if isinstance(node, ast.keyword) and node.arg == "trust_remote_code":
+                assert ast.unparse(node.value) != "True", f"{path}:{node.value.lineno} passes trust_remote_code=True"
+        for name, default in _defaults(tree):
+            if name == "trust_remote_code":
+                remote_code_defaults += 1
+                assert ast.unparse(default) == "False", f"{path}:{default.lineno} trust_remote_code defaults to on"
+    assert loads >= 1 and remote_code_defaults >= 3  # checkpoint loading; load_model, load_tokenizer, Recipe
