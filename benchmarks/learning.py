@@ -1,12 +1,13 @@
 """Learning comparisons at an equal budget of generated tokens, same seeds, on the built-in task.
 
-Every variant starts from the quickstart recipe (embedded model, MoS adapters, SPO-chain, LazyEviction 50%, sample
-buffer) and changes one thing; each trains until it has sampled ``--token-budget`` tokens (rollouts and Monte Carlo
+Every variant starts from the quickstart recipe (embedded model, MoS adapters, SPO-chain, LazyEviction, sample
+buffer, bf16 rollouts) and changes one thing; each trains until it has sampled ``--token-budget`` tokens (rollouts and Monte Carlo
 continuations alike), then is evaluated greedily on the held-out split. Writes a Markdown table (held-out accuracy
 mean and spread over seeds, tokens generated, wall time) and a plot of reward against tokens.
 
     python benchmarks/learning.py --seeds 0 1 2 --token-budget 60000
     python benchmarks/learning.py --variants spo_chain grpo --seeds 0 --token-budget 20000   # a quick look
+    python benchmarks/learning.py ... --resume      # after an interruption: keeps the finished runs
 """
 
 from __future__ import annotations
@@ -23,16 +24,25 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 ROOT = Path(__file__).resolve().parents[1]
 
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _mos(equivalent_rank: int, private_rank: int) -> dict:
+    return {"type": "mos", "r": 8, "equivalent_rank": equivalent_rank, "shards_per_vector": 2,
+            "private_rank": private_rank, "lora_alpha": 16, "target_modules": PROJECTIONS}
+
+
 # variant -> (algorithm, overrides of the recipe's train section, overrides of its peft section)
 VARIANTS: dict[str, tuple[str, dict, dict | None]] = {
-    "spo_chain": ("spo_chain", {}, None),
-    "spo_tree": ("spo_tree", {"branching": [4, 2, 2], "segment_length": 40}, None),
+    "spo_chain": ("spo_chain", {}, None),  # the quickstart recipe as shipped
+    "spo_tree": ("spo_tree", {"branching": [4, 2, 2], "segment_length": 24}, None),
     "grpo": ("grpo", {"probability_mask": False}, None),
     "grpo_prob_mask": ("grpo", {"probability_mask": True}, None),
-    "mos_equal_params": ("spo_chain", {}, {"type": "mos", "r": 8, "equivalent_rank": 8, "shards_per_vector": 2,
-                                           "private_rank": 1, "lora_alpha": 16, "target_modules": "all-linear"}),
-    "lora_r8": ("spo_chain", {}, {"type": "lora", "r": 8, "lora_alpha": 16, "target_modules": "all-linear"}),
+    "lora_r8": ("spo_chain", {}, {"type": "lora", "r": 8, "lora_alpha": 16, "target_modules": PROJECTIONS}),
+    "mos_equal_params": ("spo_chain", {}, _mos(equivalent_rank=8, private_rank=1)),  # LoRA r8's parameter count
+    "mos_one_eighth": ("spo_chain", {}, _mos(equivalent_rank=1, private_rank=0)),  # LoRA r1's parameter count
     "full_cache": ("spo_chain", {"kv_policy": "full", "kv_budget": None}, None),
+    "lazy_50": ("spo_chain", {"kv_policy": "lazy", "kv_budget": 0.5}, None),
     "no_buffer": ("spo_chain", {"use_sample_buffer": False}, None),
 }
 SPO_ONLY_KEYS = ("mc_samples", "cutpoint_interval", "max_mc_states_per_step")
@@ -104,15 +114,22 @@ def main() -> None:
     parser.add_argument("--token-budget", type=int, default=60_000)
     parser.add_argument("--eval-limit", type=int, default=200)
     parser.add_argument("--out", default="outputs/learning")
+    parser.add_argument("--resume", action="store_true", help="keep the runs already in OUT/results.json")
     options = parser.parse_args()
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = []
+    saved = out / "results.json"
+    results = json.loads(saved.read_text()) if options.resume and saved.is_file() else []
+    done = {(r["variant"], r["seed"]) for r in results}
     for name in options.variants:
         for seed in options.seeds:
+            if (name, seed) in done:
+                continue
             results.append(run_variant(name, seed, options.token_budget, out, options.eval_limit))
             print(json.dumps({k: v for k, v in results[-1].items() if k != "curve"}), flush=True)
-            (out / "results.json").write_text(json.dumps(results, indent=2))
+            staging = saved.with_suffix(".tmp")
+            staging.write_text(json.dumps(results, indent=2))
+            staging.replace(saved)
     print(table(results))
     (out / "table.md").write_text(table(results) + "\n")
     plot(results, out / "curves.png")

@@ -277,3 +277,32 @@ def test_idle_rows_are_skipped_without_changing_the_update(tmp_path, task, embed
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
         moved += int(not torch.equal(a, untrained.get_parameter(name)))
     assert moved > 0
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state whose mixed precision cannot change once set."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_bf16_autocasts_the_learner_and_trains(tmp_path, task, embedded_tokenizer, fresh_accelerator_state):
+    from peft import LoraConfig
+
+    args = GRPOConfig(**_common(tmp_path, max_steps=1, bf16=True, beta=0.1, warmup_ratio=0.0))
+    trainer = GRPOTrainer(model=tiny_model(seed=0), reward_funcs=[vowel_share], args=args, train_dataset=task,
+                          processing_class=embedded_tokenizer,
+                          peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    assert trainer.accelerator.mixed_precision == "bf16"
+    with torch.no_grad():
+        logits = trainer.model(input_ids=torch.tensor([[5, 6, 7]])).logits
+    # the prepared model runs under autocast (accelerate hands the outputs back as float32)
+    assert torch.equal(logits, logits.bfloat16().float())
+    before = {n: p.detach().clone() for n, p in trainer.unwrapped.named_parameters() if p.requires_grad}
+    history = trainer.train()
+    assert all(p.dtype == torch.float32 for p in before.values())  # master weights stay float32
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.unwrapped.named_parameters() if p.requires_grad)
+    assert torch.isfinite(torch.tensor(history[-1]["loss"]))

@@ -67,8 +67,9 @@ class RolloutCache(Cache):
         if (slot < 0).any():
             slot = torch.where(slot < 0, self.policy.victims(self, layer_idx), slot)
         index = (torch.arange(rows, device=slot.device)[:, None], self._heads, slot)
-        k.index_put_(index, key_states[:, :, 0])
-        v.index_put_(index, value_states[:, :, 0])
+        # under autocast the projections come out in the autocast dtype; the cache keeps its own
+        k.index_put_(index, key_states[:, :, 0].to(k.dtype))
+        v.index_put_(index, value_states[:, :, 0].to(v.dtype))
         fresh = self.newest[:rows, None].expand(rows, self.kv_heads)
         self.pos[layer_idx].index_put_(index, fresh)
         for name, value in self.policy.stats.items():

@@ -63,7 +63,8 @@ class RLTrainer:
         self.output_dir = Path(args.output_dir)
         self._check_output_dir()
         trackers = [t for t in args.report_to if t != "none"]
-        self.accelerator = Accelerator(cpu=use_cpu(), log_with=trackers or None, project_dir=str(self.output_dir))
+        self.accelerator = Accelerator(cpu=use_cpu(), log_with=trackers or None, project_dir=str(self.output_dir),
+                                       mixed_precision="bf16" if args.bf16 else "no")
         set_seed(args.seed, device_specific=True)
         if self.accelerator.device.type == "cpu":
             setup_cpu_math()
@@ -319,10 +320,11 @@ class RLTrainer:
 
     @torch.no_grad()
     def _reference_logprobs(self, batch) -> torch.Tensor:
-        if self.reference is not None:
-            return completion_logprobs(self.reference, batch, self.args.temperature)
-        with self.unwrapped.disable_adapter():
-            return completion_logprobs(self.unwrapped, batch, self.args.temperature)
+        with self.accelerator.autocast():
+            if self.reference is not None:
+                return completion_logprobs(self.reference, batch, self.args.temperature)
+            with self.unwrapped.disable_adapter():
+                return completion_logprobs(self.unwrapped, batch, self.args.temperature)
 
     def update(self, samples: list[Sample]) -> None:
         """``num_iterations`` passes of clipped policy-gradient steps over the step's samples."""
@@ -336,7 +338,7 @@ class RLTrainer:
             batch = batch.to(device)
             old = None
             if args.num_iterations > 1 or any(s.old_logprobs is not None for s in group):
-                with torch.no_grad():
+                with torch.no_grad(), self.accelerator.autocast():  # the same precision as the learner's pass
                     current = completion_logprobs(self.unwrapped, batch, args.temperature).cpu()
                 stored = [s.old_logprobs for s in group]
                 old = torch.stack([pad_rows([o], current.shape[1])[0] if o is not None else current[i]

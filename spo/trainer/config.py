@@ -59,6 +59,7 @@ class GRPOConfig:
     per_device_train_batch_size: int = 8  # completions per micro-batch
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
     gradient_checkpointing: bool = False
+    bf16: bool = False  # bfloat16 autocast for the learner's forward and backward (accelerate mixed precision)
     # selective sample buffer
     use_sample_buffer: bool = False
     buffer_capacity: int = 512
