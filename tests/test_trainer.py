@@ -306,3 +306,41 @@ def test_bf16_autocasts_the_learner_and_trains(tmp_path, task, embedded_tokenize
     assert all(p.dtype == torch.float32 for p in before.values())  # master weights stay float32
     assert any(not torch.equal(p, before[n]) for n, p in trainer.unwrapped.named_parameters() if p.requires_grad)
     assert torch.isfinite(torch.tensor(history[-1]["loss"]))
+
+
+def test_group_prompt_value_bases_segments_on_the_group_mean(tmp_path, task, embedded_tokenizer, monkeypatch):
+    """With group_prompt_value the bare prompt is every rollout's first boundary, valued by its group's mean reward
+    (never by Monte Carlo), so a rollout's segment advantages telescope to R - mean(group)."""
+    from spo.rollout import Rollout
+    from spo.trainer.spo_chain import group_mean_rewards
+
+    args = SPOChainConfig(**_common(tmp_path, max_steps=1, group_prompt_value=True, use_sample_buffer=False))
+    trainer = SPOChainTrainer(model=tiny_model(seed=0), reward_funcs=[vowel_share], args=args, train_dataset=task,
+                              processing_class=embedded_tokenizer)
+
+    def rollout(tokens, group):
+        return Rollout([5, 6], tokens, "text", "stop", torch.full((len(tokens),), -0.1), group)
+
+    rollouts = [rollout([7, 8, 9, 10], 0), rollout([7, 8, 11, 12], 0), rollout([13, 14, 15], 1),
+                rollout([16, 17, 18], 1)]
+    rewards = torch.tensor([1.0, 0.0, 0.0, float("nan")])
+    cuts = {7: torch.tensor([1]), 13: torch.tensor([-1]), 16: torch.tensor([0])}  # by first token
+    valued = []
+
+    def fake_values(rows, rollouts, boundaries, step):
+        valued.extend(boundaries)
+        return [torch.full((b.numel(),), 0.25) for b in boundaries]
+
+    monkeypatch.setattr(trainer, "generate_groups", lambda rows, step: (rollouts, rewards))
+    monkeypatch.setattr(trainer, "partition", lambda r: cuts[r.completion_ids[0]])
+    monkeypatch.setattr(trainer, "state_values", fake_values)
+    trainer._metrics = {}
+    samples = trainer.make_samples([0, 1], step=0)
+
+    assert all(bool((b >= 0).all()) for b in valued)  # the prompt state is not valued by continuations
+    assert group_mean_rewards(rewards, [0, 0, 1, 1]).tolist() == [0.5, 0.5, 0.0, 0.0]  # NaN rewards left out
+    advantages = {tuple(s.completion_ids): s.advantages.tolist() for s in samples}
+    assert advantages[(7, 8, 9, 10)] == [-0.25, -0.25, 0.75, 0.75]  # V(cut) - V(prompt), then R - V(cut)
+    assert advantages[(7, 8, 11, 12)] == [-0.25, -0.25, -0.25, -0.25]  # the published base would give 0, 0, ...
+    assert advantages[(13, 14, 15)] == [0.0, 0.0, 0.0]  # cut at the bare prompt only: R - mean = 0 - 0
+    assert len(samples) == 3  # NaN reward: no sample

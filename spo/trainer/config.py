@@ -170,6 +170,10 @@ class SPOChainConfig(GRPOConfig):
     num_fixed_segments: int = 4  # partition="fixed" only
     max_mc_states_per_step: int | None = None  # cap on distinct states valued per step (per process)
     mc_share_prefixes: bool = True  # encode each state once and fork its cache K ways (False: re-encode K times)
+    # the bare prompt is every rollout's first boundary, valued by the mean reward of its group's rollouts (a
+    # Monte Carlo value with K = num_generations that costs no extra sampling); False: ALGORITHMS.md 1.3 as
+    # published, where tokens before the first cutpoint get advantage 0
+    group_prompt_value: bool = False
     probability_mask: bool = True
     whiten_advantages: bool = True
 

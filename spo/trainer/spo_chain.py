@@ -3,7 +3,9 @@
 For each rollout: cut it into segments before low-probability tokens (every k-th), value each boundary state by
 the mean reward of K continuations sampled from it (identical states are valued once, and each state's prefix is
 encoded once and forked K times by the generator), and give every token of a segment that segment's advantage
-``V(end) - V(start)`` (the last segment ends at the rollout's own reward).
+``V(end) - V(start)`` (the last segment ends at the rollout's own reward). With ``group_prompt_value`` the bare
+prompt is the first boundary of every rollout, valued by its group's mean reward, so the segment advantages of a
+rollout add up to its GRPO-style advantage ``R - mean(group)`` and refine it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,15 @@ def thin_boundaries(boundaries: list[torch.Tensor], cap: int, count=None) -> lis
             break
         boundaries[longest] = boundaries[longest][::2]
     return boundaries
+
+
+def group_mean_rewards(rewards: torch.Tensor, groups: list[int]) -> torch.Tensor:
+    """For every rollout, the mean reward of the rollouts of its group (its prompt), ignoring NaN rewards."""
+    ids = torch.tensor(groups)
+    known = ~torch.isnan(rewards)
+    sums = torch.zeros(int(ids.max()) + 1).index_add_(0, ids[known], rewards[known].float())
+    counts = torch.zeros(int(ids.max()) + 1).index_add_(0, ids[known], torch.ones(int(known.sum())))
+    return (sums / counts.clamp(min=1))[ids]
 
 
 def state_key(rollout, cut: int) -> tuple:
@@ -99,6 +110,8 @@ class SPOChainTrainer(RLTrainer):
     def make_samples(self, rows: list[int], step: int) -> list[Sample]:
         rollouts, rewards = self.generate_groups(rows, step)
         boundaries = [self.partition(r) for r in rollouts]
+        if self.args.group_prompt_value:  # the prompt state is valued by the group below, not by continuations
+            boundaries = [b[b >= 0] for b in boundaries]
         if self.args.max_mc_states_per_step is not None:
             boundaries = thin_boundaries(
                 boundaries, self.args.max_mc_states_per_step,
@@ -106,6 +119,10 @@ class SPOChainTrainer(RLTrainer):
         started = time.perf_counter()
         values = self.state_values(rows, rollouts, boundaries, step)
         self._metric("timing/monte_carlo", time.perf_counter() - started)
+        if self.args.group_prompt_value:
+            prompt_values = group_mean_rewards(rewards, [r.prompt_index for r in rollouts])
+            boundaries = [torch.cat([torch.tensor([-1]), b]) for b in boundaries]
+            values = [torch.cat([prompt_values[i:i + 1], v.float()]) for i, v in enumerate(values)]
         samples = []
         abs_advantages = []
         for rollout, reward, cuts, state_values in zip(rollouts, rewards.tolist(), boundaries, values):
