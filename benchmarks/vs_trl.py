@@ -2,8 +2,9 @@
 
 Work: the embedded SmolLM2-135M-Instruct, LoRA rank 16 on all linear projections, 4 prompts x 8 generations per
 step, at most 64 new tokens, temperature 1.0, beta 0, 4 optimizer steps. Prints seconds per step and completion
-tokens per second for both, and the ratio. Then SPO-chain's cost per step broken into generate / Monte Carlo /
-update.
+tokens per second for both, and the ratio: both in float32, then both with their bf16 options (TRL: ``bf16=True``;
+ours: ``bf16`` plus ``rollout_dtype="bfloat16"``). Then SPO-chain's cost per step broken into generate / Monte
+Carlo / update.
 
     pip install -e ".[bench]"      # TRL, only for this benchmark
     python benchmarks/vs_trl.py [--steps 4] [--skip-trl] [--skip-spo]
@@ -28,6 +29,12 @@ from spo.models import EMBEDDED_MODEL, load_model, load_tokenizer, setup_cpu_mat
 PROMPTS, GENERATIONS, NEW_TOKENS = 4, 8, 64
 
 
+def reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def lora():
     from peft import LoraConfig
 
@@ -38,7 +45,7 @@ def dataset(steps: int):
     return make_arithmetic_task("train", PROMPTS * steps, seed=11)
 
 
-def run_trl(steps: int) -> dict:
+def run_trl(steps: int, bf16: bool = False) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     from rewards import numeric_accuracy
@@ -49,7 +56,7 @@ def run_trl(steps: int) -> dict:
         args = GRPOConfig(output_dir=out, per_device_train_batch_size=PROMPTS * GENERATIONS,
                           num_generations=GENERATIONS, max_completion_length=NEW_TOKENS, temperature=1.0, beta=0.0,
                           max_steps=steps, learning_rate=1e-4, logging_steps=1, use_cpu=True, report_to="none",
-                          save_strategy="no", seed=0, bf16=False)
+                          save_strategy="no", seed=0, bf16=bf16)
         trainer = GRPOTrainer(model=model, reward_funcs=numeric_accuracy, args=args, train_dataset=dataset(steps),
                               processing_class=tokenizer, peft_config=lora())
         start = time.perf_counter()
@@ -60,7 +67,7 @@ def run_trl(steps: int) -> dict:
     return {"seconds_per_step": seconds / steps, "tokens_per_second": tokens / seconds, "tokens": tokens}
 
 
-def run_ours(steps: int, algorithm: str = "grpo") -> dict:
+def run_ours(steps: int, algorithm: str = "grpo", fast: bool = False) -> dict:
     from spo.trainer import GRPOConfig, GRPOTrainer
     from spo.trainer.config import SPOChainConfig
     from spo.trainer.spo_chain import SPOChainTrainer
@@ -71,6 +78,8 @@ def run_ours(steps: int, algorithm: str = "grpo") -> dict:
                   temperature=1.0, top_p=1.0, beta=0.0, max_steps=steps, learning_rate=1e-4, report_to=["none"],
                   save_steps=None, per_device_train_batch_size=8, gradient_accumulation_steps=4, seed=0,
                   log_completions=False)
+    if fast:  # bf16 rollouts from a merged snapshot, bf16 autocast for the learner
+        common.update(rollout_dtype="bfloat16", bf16=True)
     with tempfile.TemporaryDirectory() as out:
         if algorithm == "grpo":
             trainer = GRPOTrainer(model=model, reward_funcs=["arithmetic_accuracy"],
@@ -98,6 +107,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--skip-spo", action="store_true")
+    parser.add_argument("--skip-bf16", action="store_true", help="only the float32 runs")
     parser.add_argument("--json", help="also write the figures to this file")
     options = parser.parse_args()
     setup_cpu_math()
@@ -105,20 +115,27 @@ def main() -> None:
     figures = {"ours_grpo": run_ours(options.steps)}
     if not options.skip_trl:
         figures["trl_grpo"] = run_trl(options.steps)
+    if not options.skip_bf16:
+        reset_accelerate()  # accelerate's process-wide state keeps its first mixed-precision setting
+        figures["ours_grpo_bf16"] = run_ours(options.steps, fast=True)
+        if not options.skip_trl:
+            reset_accelerate()
+            figures["trl_grpo_bf16"] = run_trl(options.steps, bf16=True)
     if not options.skip_spo:
-        figures["ours_spo_chain"] = run_ours(options.steps, "spo_chain")
+        reset_accelerate()
+        figures["ours_spo_chain"] = run_ours(options.steps, "spo_chain", fast=not options.skip_bf16)
 
     print(f"\nGRPO, {PROMPTS} prompts x {GENERATIONS} generations, <= {NEW_TOKENS} new tokens, LoRA r16, "
           f"{options.steps} steps, {torch.get_num_threads()} CPU threads")
     print(f"{'trainer':<16}{'s/step':>10}{'tokens/s':>12}")
-    for name in ("trl_grpo", "ours_grpo"):
+    for name in ("trl_grpo", "ours_grpo", "trl_grpo_bf16", "ours_grpo_bf16"):
         if name in figures:
             print(f"{name:<16}{figures[name]['seconds_per_step']:>10.1f}{figures[name]['tokens_per_second']:>12.1f}")
-    if "trl_grpo" in figures:
-        ratio = figures["ours_grpo"]["tokens_per_second"] / figures["trl_grpo"]["tokens_per_second"]
-        step_ratio = figures["trl_grpo"]["seconds_per_step"] / figures["ours_grpo"]["seconds_per_step"]
-        figures["throughput_ratio"] = ratio
-        print(f"ours / TRL: {ratio:.2f}x tokens/s, {step_ratio:.2f}x faster per step")
+    for ours, trl in (("ours_grpo", "trl_grpo"), ("ours_grpo_bf16", "trl_grpo_bf16"), ("ours_grpo_bf16", "trl_grpo")):
+        if ours in figures and trl in figures:
+            ratio = figures[ours]["tokens_per_second"] / figures[trl]["tokens_per_second"]
+            figures[f"ratio {ours} / {trl}"] = ratio
+            print(f"{ours} / {trl}: {ratio:.2f}x tokens/s")
     if "ours_spo_chain" in figures:
         spo = figures["ours_spo_chain"]
         print(f"\nSPO-chain (K = 4), seconds per step: total {spo['seconds_per_step']:.1f} = rollouts "

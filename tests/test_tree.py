@@ -86,3 +86,11 @@ def test_mc_cost_cap_counts_distinct_states():
     assert count(lists) == 4  # -1 and 0 are the same states in both rollouts (same prompt, same first token)
     thinned = thin_boundaries(lists, cap=3, count=count)
     assert count(thinned) <= 3 and thinned[0][0].item() == -1
+
+
+def test_mc_cost_cap_drops_single_boundaries_only_when_allowed():
+    lists = [torch.tensor([3]), torch.tensor([1, 4]), torch.tensor([2]), torch.tensor([5])]
+    kept = thin_boundaries(lists, cap=2)  # every rollout keeps one boundary: the cap cannot be met
+    assert [t.numel() for t in kept] == [1, 1, 1, 1]
+    dropped = thin_boundaries(lists, cap=2, drop_order=[2, 0, 3, 1])
+    assert [t.tolist() for t in dropped] == [[], [1], [], [5]]  # dropped in the given order, the rest intact

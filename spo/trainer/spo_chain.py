@@ -21,9 +21,12 @@ from .config import SPOChainConfig
 from .samples import Sample
 
 
-def thin_boundaries(boundaries: list[torch.Tensor], cap: int, count=None) -> list[torch.Tensor]:
+def thin_boundaries(boundaries: list[torch.Tensor], cap: int, count=None,
+                    drop_order: list[int] | None = None) -> list[torch.Tensor]:
     """Keep at most ``cap`` states to value: repeatedly halve (keeping the first) the longest boundary list.
-    ``count(boundaries)`` says how many distinct states a set of lists costs (default: their total length)."""
+    ``count(boundaries)`` says how many distinct states a set of lists costs (default: their total length).
+    Every list keeps at least one boundary, unless ``drop_order`` is given (rollouts that need no boundary of
+    their own, e.g. with a group-valued prompt): then single boundaries are dropped in that order of rollouts."""
     count = count or (lambda lists: sum(b.numel() for b in lists))
     boundaries = list(boundaries)
     while count(boundaries) > cap:
@@ -31,6 +34,10 @@ def thin_boundaries(boundaries: list[torch.Tensor], cap: int, count=None) -> lis
         if boundaries[longest].numel() <= 1:
             break
         boundaries[longest] = boundaries[longest][::2]
+    for i in drop_order or []:
+        if count(boundaries) <= cap:
+            break
+        boundaries[i] = boundaries[i][:0]
     return boundaries
 
 
@@ -113,8 +120,12 @@ class SPOChainTrainer(RLTrainer):
         if self.args.group_prompt_value:  # the prompt state is valued by the group below, not by continuations
             boundaries = [b[b >= 0] for b in boundaries]
         if self.args.max_mc_states_per_step is not None:
+            drop_order = None
+            if self.args.group_prompt_value:  # a rollout without cutpoints still has its group-based advantage
+                drop_order = torch.randperm(len(rollouts), generator=torch.Generator().manual_seed(
+                    self.args.seed + step)).tolist()
             boundaries = thin_boundaries(
-                boundaries, self.args.max_mc_states_per_step,
+                boundaries, self.args.max_mc_states_per_step, drop_order=drop_order,
                 count=lambda lists: len({state_key(r, c) for r, b in zip(rollouts, lists) for c in b.tolist()}))
         started = time.perf_counter()
         values = self.state_values(rows, rollouts, boundaries, step)
