@@ -45,7 +45,7 @@ VARIANTS: dict[str, tuple[str, dict, dict | None]] = {
     "lazy_50": ("spo_chain", {"kv_policy": "lazy", "kv_budget": 0.5}, None),
     "no_buffer": ("spo_chain", {"use_sample_buffer": False}, None),
 }
-SPO_ONLY_KEYS = ("mc_samples", "cutpoint_interval", "max_mc_states_per_step")
+SPO_ONLY_KEYS = ("mc_samples", "cutpoint_interval", "max_mc_states_per_step", "group_prompt_value")
 
 
 def run_variant(name: str, seed: int, budget: int, out: Path, eval_limit: int) -> dict:

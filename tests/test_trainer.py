@@ -279,18 +279,12 @@ def test_idle_rows_are_skipped_without_changing_the_update(tmp_path, task, embed
     assert moved > 0
 
 
-@pytest.fixture
-def fresh_accelerator_state():
-    """accelerate keeps one process-wide state whose mixed precision cannot change once set."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-def test_bf16_autocasts_the_learner_and_trains(tmp_path, task, embedded_tokenizer, fresh_accelerator_state):
+def test_bf16_autocasts_the_learner_and_trains(tmp_path, task, embedded_tokenizer):
     from peft import LoraConfig
+
+    # a float32 trainer first: accelerate's process-wide state must not block the bf16 one in the same process
+    GRPOTrainer(model=tiny_model(seed=0), reward_funcs=[vowel_share], args=GRPOConfig(**_common(tmp_path / "fp32")),
+                train_dataset=task, processing_class=embedded_tokenizer)
 
     args = GRPOConfig(**_common(tmp_path, max_steps=1, bf16=True, beta=0.1, warmup_ratio=0.0))
     trainer = GRPOTrainer(model=tiny_model(seed=0), reward_funcs=[vowel_share], args=args, train_dataset=task,

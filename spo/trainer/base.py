@@ -46,6 +46,16 @@ def use_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
+def allow_precision_change(mixed_precision: str) -> None:
+    """accelerate keeps one process-wide state whose mixed precision cannot change once set; in a single-process
+    session (a notebook, a benchmark) a second trainer may ask for another, so the state is started afresh."""
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != mixed_precision and state.get("num_processes", 1) == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def distributed_state():
     from accelerate import PartialState
 
@@ -63,8 +73,10 @@ class RLTrainer:
         self.output_dir = Path(args.output_dir)
         self._check_output_dir()
         trackers = [t for t in args.report_to if t != "none"]
+        mixed_precision = "bf16" if args.bf16 else "no"
+        allow_precision_change(mixed_precision)
         self.accelerator = Accelerator(cpu=use_cpu(), log_with=trackers or None, project_dir=str(self.output_dir),
-                                       mixed_precision="bf16" if args.bf16 else "no")
+                                       mixed_precision=mixed_precision)
         set_seed(args.seed, device_specific=True)
         if self.accelerator.device.type == "cpu":
             setup_cpu_math()
