@@ -33,3 +33,14 @@ def embedded_tokenizer():
     from spo.models import EMBEDDED_MODEL, load_tokenizer
 
     return load_tokenizer(EMBEDDED_MODEL)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, embedded_tokenizer):
+    """A tiny random model saved with the embedded tokenizer, for runs that load a model from a folder."""
+    from spo.models import tiny_model
+
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_model(seed=5).save_pretrained(path)
+    embedded_tokenizer.save_pretrained(path)
+    return path

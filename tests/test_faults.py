@@ -24,20 +24,15 @@ from spo.models import tiny_model
 from spo.trainer import GRPOConfig, GRPOTrainer
 from spo.trainer import checkpoint as ckpt
 
+from helpers import tiny_run, vowel_share  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "fault_train.py"
 
 
-def vowel_share(completions, **kwargs):
-    return [sum(ch in "aeiou" for ch in c) / max(1, len(c)) for c in completions]
-
-
 def _args(tmp_path, **overrides):
-    base = dict(output_dir=str(tmp_path / "run"), max_steps=1, prompts_per_step=2, num_generations=2,
-                max_completion_length=8, temperature=1.0, top_p=1.0, learning_rate=1e-3,
-                per_device_train_batch_size=4, report_to=["none"], save_steps=None, seed=0)
-    base.update(overrides)
-    return GRPOConfig(**base)
+    return GRPOConfig(**tiny_run(tmp_path, **{"max_steps": 1, "num_generations": 2, "max_completion_length": 8,
+                                              **overrides}))
 
 
 def _trainer(tmp_path, tokenizer, dataset=None, model=None, **overrides):
@@ -75,14 +70,6 @@ SLOW = dict(algorithm="spo_chain", steps=8,
                  "target_modules: [q_proj, v_proj]}",
             extra="  mc_samples: 2\n  kv_policy: lazy\n  kv_budget: 0.5\n  use_sample_buffer: true\n"
                   "  max_mc_states_per_step: 6\n")
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, embedded_tokenizer):
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_model(seed=5).save_pretrained(path)
-    embedded_tokenizer.save_pretrained(path)
-    return path
 
 
 def _launch(recipe: Path, resume: bool, fault: str | None = None) -> subprocess.Popen:

@@ -11,6 +11,8 @@ from spo.rollout import Generator, SamplingParams
 from spo.rollout.snapshot import PolicySnapshot
 from spo.trainer import GRPOConfig, GRPOTrainer
 
+from helpers import vowel_share  # noqa: E402
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -75,10 +77,7 @@ def test_trainer_samples_from_a_refreshed_bfloat16_snapshot(tmp_path, embedded_t
                       per_device_train_batch_size=8, report_to=["none"], save_steps=None, seed=0,
                       rollout_dtype="bfloat16")
 
-    def vowels(completions, **kwargs):
-        return [sum(ch in "aeiou" for ch in c) / max(1, len(c)) for c in completions]
-
-    trainer = GRPOTrainer(model=tiny_model(seed=0), reward_funcs=[vowels], args=args,
+    trainer = GRPOTrainer(model=tiny_model(seed=0), reward_funcs=[vowel_share], args=args,
                           train_dataset=make_arithmetic_task("train", 8), processing_class=embedded_tokenizer,
                           peft_config=MoSConfig(r=4, equivalent_rank=3, shards_per_vector=2, private_rank=1,
                                                 target_modules=TARGETS))

@@ -20,20 +20,13 @@ from spo.trainer.run import Recipe, peft_config, trainer_config
 from spo.trainer.spo_chain import SPOChainTrainer
 from spo.trainer.spo_tree import SPOTreeTrainer
 
+from helpers import tiny_run, vowel_share  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def vowel_share(completions, **kwargs):
-    """A dense reward a random model can move: the share of vowels in the completion."""
-    return [sum(ch in "aeiou" for ch in c) / max(1, len(c)) for c in completions]
-
-
 def _common(tmp_path, **overrides):
-    base = dict(output_dir=str(tmp_path / "run"), max_steps=2, prompts_per_step=2, num_generations=4,
-                max_completion_length=12, temperature=1.0, top_p=1.0, learning_rate=1e-3,
-                per_device_train_batch_size=4, report_to=["none"], save_steps=None, seed=0)
-    base.update(overrides)
-    return base
+    return tiny_run(tmp_path, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -150,14 +143,6 @@ train:
   save_steps: 2
   report_to: [{report}]
 """
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, embedded_tokenizer):
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_model(seed=5).save_pretrained(path)
-    embedded_tokenizer.save_pretrained(path)
-    return path
 
 
 def _metrics(path: Path) -> list[dict]:
