@@ -35,6 +35,7 @@ def _mos(equivalent_rank: int, private_rank: int) -> dict:
 # variant -> (algorithm, overrides of the recipe's train section, overrides of its peft section)
 VARIANTS: dict[str, tuple[str, dict, dict | None]] = {
     "spo_chain": ("spo_chain", {}, None),  # the quickstart recipe as shipped
+    "spo_chain_no_mask": ("spo_chain", {"probability_mask": False}, None),
     "spo_tree": ("spo_tree", {"branching": [4, 2, 2], "segment_length": 24}, None),
     "grpo": ("grpo", {"probability_mask": False}, None),
     "grpo_prob_mask": ("grpo", {"probability_mask": True}, None),
