@@ -234,7 +234,11 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, embedd
 # --- tokenizers without a chat template or a pad token -------------------------------------------------------
 
 
-def test_a_tokenizer_without_chat_template_or_pad_token_trains_and_evaluates(tmp_path, embedded_tokenizer, caplog):
+def test_a_tokenizer_without_chat_template_or_pad_token_trains_and_evaluates(tmp_path, embedded_tokenizer, caplog,
+                                                                               monkeypatch):
+    import spo.data
+
+    monkeypatch.setattr(spo.data, "_warned", set())  # warnings are once per process; earlier tests may have warned
     tokenizer = copy.deepcopy(embedded_tokenizer)
     tokenizer.chat_template = None
     tokenizer.pad_token = None
