@@ -29,12 +29,6 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
     return DTYPES[name]
 
 
-def _tuner_layer_class():
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return BaseTunerLayer
-
-
 def _base_model(policy: nn.Module) -> nn.Module:
     """The transformers model inside a PEFT wrapper (with the adapter layers injected), or the policy itself."""
     from peft import PeftModel
@@ -58,10 +52,9 @@ class PolicySnapshot:
 
     def __init__(self, policy: nn.Module, dtype: str | torch.dtype | None = None):
         from peft import PeftModel
+        from peft.tuners.tuners_utils import BaseTunerLayer
 
-        self.policy = policy
         self.dtype = resolve_dtype(dtype) if dtype is not None else next(policy.parameters()).dtype
-        tuner = _tuner_layer_class()
         with torch.no_grad():
             if isinstance(policy, PeftModel):
                 merged = copy.deepcopy(policy).merge_and_unload()
@@ -71,14 +64,16 @@ class PolicySnapshot:
         live = _base_model(policy)
         own = dict(self.model.named_modules())
         self._adapter_layers = []  # (snapshot Linear, live adapter layer)
+        adapter_prefixes = []
         for name, module in live.named_modules():
-            if isinstance(module, tuner):
+            if isinstance(module, BaseTunerLayer):
                 if name not in own or not hasattr(own[name], "weight"):
                     raise RuntimeError(f"adapter layer {name!r} has no plain counterpart in the merged copy")
                 self._adapter_layers.append((own[name], module))
+                adapter_prefixes.append(f"{name}.")
         own_params = dict(self.model.named_parameters())
         self._trainable = []  # (snapshot parameter, live parameter) for trainable weights outside adapter layers
-        adapter_prefixes = tuple(f"{name}." for name, m in live.named_modules() if isinstance(m, tuner))
+        adapter_prefixes = tuple(adapter_prefixes)
         for name, param in live.named_parameters():
             if not param.requires_grad or name.startswith(adapter_prefixes):
                 continue
