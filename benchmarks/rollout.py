@@ -3,7 +3,9 @@
 1. Throughput: our decode loop (full cache) versus Hugging Face ``generate``, both sampling (temperature 0.7,
    top_p 1, top_k off), same prompts (built-in arithmetic task, chat-formatted), batch 8 / 32 / 64,
    128 new tokens, the model in float32 and in bfloat16 (both sides in the same dtype; then our bf16
-   rollouts against HF on the float32 model). Tokens/s counts generated tokens up to and including EOS.
+   rollouts against HF on the float32 model). Tokens/s counts generated tokens up to and including EOS; each
+   setting is the median of ``--repeats`` runs, ours and HF's interleaved (this machine's speed drifts by 10-20%
+   between minutes). Ours is also timed with prepacking off (``pack_weights=False``), to show what it adds.
 2. Prefix forking: K continuations of P prefixes (prompt + the first tokens of a rollout) with one shared
    encoding per prefix, versus encoding every continuation's prefix.
 3. KV policies at 25/50/75% budgets: peak KV bytes versus a full cache, and accuracy on the arithmetic task
@@ -20,6 +22,7 @@ import copy
 import os
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -62,25 +65,37 @@ def hf_generate(model, tokenizer, prompts, new_tokens: int, seed: int) -> tuple[
     return tokens, seconds
 
 
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
 def throughput(model, tokenizer, args) -> None:
-    print(f"\n## Throughput: {args.new_tokens} new tokens, sampling T=0.7 (tokens/s)\n")
-    print("| dtype | batch | ours tok/s | HF generate tok/s | ratio |")
-    print("|---|---|---|---|---|")
+    print(f"\n## Throughput: {args.new_tokens} new tokens, sampling T=0.7 (tokens/s, median of {args.repeats} "
+          "interleaved runs)\n")
+    print("| dtype | batch | ours tok/s | ours, plain F.linear tok/s | HF generate tok/s | ours / HF |")
+    print("|---|---|---|---|---|---|")
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.7, seed=0)
     rates = {}
     for dtype in args.dtypes:
         typed = model if dtype == "float32" else copy.deepcopy(model).to(getattr(torch, dtype))
-        generator = Generator(typed, tokenizer)
+        packed, plain = Generator(typed, tokenizer), Generator(typed, tokenizer, pack_weights=False)
         for batch in args.batches:
             prompts, _ = arithmetic(tokenizer, batch)
-            ours = generator.generate(prompts, params).stats
-            ours_rate = rates[("ours", dtype, batch)] = ours["tokens_generated"] / ours["seconds"]
-            if args.skip_hf:
-                print(f"| {dtype} | {batch} | {ours_rate:.1f} | - | - |", flush=True)
-                continue
-            tokens, seconds = hf_generate(typed, tokenizer, prompts, args.new_tokens, seed=0)
-            hf_rate = rates[("hf", dtype, batch)] = tokens / seconds
-            print(f"| {dtype} | {batch} | {ours_rate:.1f} | {hf_rate:.1f} | {ours_rate / hf_rate:.2f}x |", flush=True)
+            runs = {"ours": [], "plain": [], "hf": []}
+            for repeat in range(args.repeats):
+                for name, generator in (("ours", packed), ("plain", plain)):
+                    stats = generator.generate(prompts, replace(params, seed=repeat)).stats
+                    runs[name].append(stats["tokens_generated"] / stats["seconds"])
+                if not args.skip_hf:
+                    tokens, seconds = hf_generate(typed, tokenizer, prompts, args.new_tokens, seed=repeat)
+                    runs["hf"].append(tokens / seconds)
+            for name, values in runs.items():
+                if values:
+                    rates[(name, dtype, batch)] = _median(values)
+            ours, no_pack = rates[("ours", dtype, batch)], rates[("plain", dtype, batch)]
+            hf = rates.get(("hf", dtype, batch))
+            print(f"| {dtype} | {batch} | {ours:.1f} | {no_pack:.1f} | {'-' if hf is None else f'{hf:.1f}'} | "
+                  f"{'-' if hf is None else f'{ours / hf:.2f}x'} |", flush=True)
     if not args.skip_hf and "float32" in args.dtypes:
         for dtype in (d for d in args.dtypes if d != "float32"):
             print(f"\nRollouts in {dtype} (the trainer's `rollout_dtype`) vs HF generate on the float32 model:")
@@ -126,6 +141,7 @@ def main() -> None:
     parser.add_argument("--dtypes", type=lambda s: s.split(","), default=["float32", "bfloat16"],
                         help="model dtypes to time (bfloat16 needs AVX512-BF16 or AMX to be fast on a CPU)")
     parser.add_argument("--skip-hf", action="store_true", help="do not time Hugging Face generate")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved timing runs per setting (median kept)")
     parser.add_argument("--prefixes", type=int, default=16)
     parser.add_argument("--forks", type=int, default=8)
     parser.add_argument("--partial", type=int, default=16, help="tokens of each prefix's partial completion")

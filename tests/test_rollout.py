@@ -9,6 +9,8 @@ from spo.rollout import Generator, SamplingParams, available_policies
 from spo.rollout.sampling import filter_logits
 from spo.rollout.stopping import StopStrings
 
+from helpers import PROMPTS, WordTokenizer  # noqa: E402
+
 GREEDY = SamplingParams(max_new_tokens=12, greedy=True)
 
 
@@ -21,19 +23,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-class _Tokenizer:
-    """Just enough tokenizer for tiny models: ids printed as words."""
-
-    eos_token_id, pad_token_id = 2, 0
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(f"<{i}>" for i in ids if not (skip_special_tokens and i == 2))
-
-    def batch_decode(self, rows, skip_special_tokens=True):
-        return [self.decode(r, skip_special_tokens) for r in rows]
-
-
-PROMPTS = [[5, 17, 300, 9, 41, 8], [7, 7, 1200], [99, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]
 
 
 def hf_greedy(model, prompts, new_tokens, pad_id=0):
@@ -49,7 +38,7 @@ def hf_greedy(model, prompts, new_tokens, pad_id=0):
 def test_greedy_equals_hf_generate_tiny(family):
     model = tiny_model(family, seed=1, vocab_size=2048)
     model.generation_config.eos_token_id = None
-    batch = Generator(model, _Tokenizer()).generate(PROMPTS, GREEDY)
+    batch = Generator(model, WordTokenizer()).generate(PROMPTS, GREEDY)
     assert [r.completion_ids for r in batch.rollouts] == hf_greedy(model, PROMPTS, 12)
     assert all(r.finish_reason == "length" for r in batch.rollouts)
 
@@ -58,7 +47,7 @@ def test_eager_attention_honours_the_4d_mask():
     model = tiny_model("llama", seed=2, vocab_size=2048)
     model.set_attn_implementation("eager")
     model.generation_config.eos_token_id = None
-    batch = Generator(model, _Tokenizer()).generate(PROMPTS, GREEDY)
+    batch = Generator(model, WordTokenizer()).generate(PROMPTS, GREEDY)
     assert [r.completion_ids for r in batch.rollouts] == hf_greedy(model, PROMPTS, 12)
 
 
@@ -67,8 +56,8 @@ def test_compressed_policies_with_room_equal_full(policy):
     model = tiny_model("qwen2", seed=3, vocab_size=2048, layers=3)
     model.generation_config.eos_token_id = None
     params = SamplingParams(max_new_tokens=10, greedy=True)
-    full = Generator(model, _Tokenizer()).generate(PROMPTS, params)
-    ours = Generator(model, _Tokenizer(), kv_policy=policy, kv_budget=1000).generate(PROMPTS, params)
+    full = Generator(model, WordTokenizer()).generate(PROMPTS, params)
+    ours = Generator(model, WordTokenizer(), kv_policy=policy, kv_budget=1000).generate(PROMPTS, params)
     assert [r.completion_ids for r in ours.rollouts] == [r.completion_ids for r in full.rollouts]
     for a, b in zip(ours.rollouts, full.rollouts):
         torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
@@ -82,7 +71,7 @@ def _tiny(seed=4, **kwargs):
 
 def test_forked_continuations_equal_generating_from_the_concatenation():
     model = _tiny()
-    generator = Generator(model, _Tokenizer())
+    generator = Generator(model, WordTokenizer())
     states = [(PROMPTS[0], [11, 12, 13]), (PROMPTS[1], []), (PROMPTS[0], [11, 12, 13]), (PROMPTS[2], [5])]
     batch = generator.continue_from(states, GREEDY, k=3)
     assert batch.stats["prefixes"] == 3 and batch.stats["rollouts"] == 12
@@ -97,7 +86,7 @@ def test_forked_continuations_equal_generating_from_the_concatenation():
 
 def test_rows_finishing_at_different_steps_leave_the_batch_without_changing_the_others():
     model = _tiny(seed=5)
-    generator = Generator(model, _Tokenizer())
+    generator = Generator(model, WordTokenizer())
     states = [(p, [3] * i) for i, p in enumerate(PROMPTS * 2)]
     batch = generator.continue_from(states, SamplingParams(max_new_tokens=20, greedy=True), max_total_new_tokens=14)
     lengths = [len(r.completion_ids) for r in batch.rollouts]
@@ -109,12 +98,33 @@ def test_rows_finishing_at_different_steps_leave_the_batch_without_changing_the_
         torch.testing.assert_close(alone.rollouts[0].logprobs, r.logprobs, atol=1e-5, rtol=0)
 
 
+def test_decoding_attends_over_the_written_slots_only(monkeypatch):
+    """The buffers hold prompt + max_new_tokens slots; each step reads only those written so far."""
+    from spo.rollout.cache import RolloutCache
+
+    seen = []
+    update = RolloutCache.update
+
+    def spy(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = update(self, key_states, value_states, layer_idx, *args, **kwargs)
+        if layer_idx == 0:
+            seen.append((keys.shape[2], self.capacity))
+        return keys, values
+
+    monkeypatch.setattr(RolloutCache, "update", spy)
+    model = _tiny(seed=6)
+    Generator(model, WordTokenizer()).generate(PROMPTS, GREEDY)
+    width = max(map(len, PROMPTS))
+    assert [length for length, _ in seen] == [width + step for step in range(GREEDY.max_new_tokens)]
+    assert {capacity for _, capacity in seen} == {width + GREEDY.max_new_tokens}
+
+
 def test_eos_stops_a_row_and_finished_states_continue_with_nothing():
     model = _tiny(seed=6)
-    generator = Generator(model, _Tokenizer())
+    generator = Generator(model, WordTokenizer())
     free = generator.generate(PROMPTS, GREEDY).rollouts
     model.generation_config.eos_token_id = [free[0].completion_ids[3]]  # the EOS set includes generation_config's
-    generator = Generator(model, _Tokenizer())
+    generator = Generator(model, WordTokenizer())
     first = generator.generate(PROMPTS, GREEDY).rollouts[0]
     cut = free[0].completion_ids.index(free[0].completion_ids[3]) + 1
     assert first.completion_ids == free[0].completion_ids[:cut] and first.finish_reason == "stop"
@@ -126,7 +136,7 @@ def test_eos_stops_a_row_and_finished_states_continue_with_nothing():
 
 def test_stop_strings_truncate_text_and_keep_the_completing_token():
     model = _tiny(seed=7)
-    generator = Generator(model, _Tokenizer())
+    generator = Generator(model, WordTokenizer())
     free = generator.generate(PROMPTS[:1], GREEDY).rollouts[0]
     stop = f"<{free.completion_ids[4]}>"
     first = free.completion_ids.index(free.completion_ids[4])
@@ -148,7 +158,7 @@ def test_stop_string_checker_sees_strings_split_across_tokens(embedded_tokenizer
 
 def test_sampling_is_reproducible_and_respects_top_k():
     model = _tiny(seed=8)
-    generator = Generator(model, _Tokenizer())
+    generator = Generator(model, WordTokenizer())
     params = SamplingParams(max_new_tokens=8, temperature=1.3, top_k=3, seed=11)
     a = generator.generate(PROMPTS, params, num_return_sequences=2)
     b = generator.generate(PROMPTS, params, num_return_sequences=2)
@@ -169,13 +179,13 @@ def test_filter_logits_top_k_and_top_p():
 def test_bad_arguments_name_the_field():
     model = _tiny()
     with pytest.raises(ValueError, match="valid: " + ", ".join(available_policies())):
-        Generator(model, _Tokenizer(), kv_policy="nope")
+        Generator(model, WordTokenizer(), kv_policy="nope")
     with pytest.raises(ValueError, match="kv_budget"):
-        Generator(model, _Tokenizer(), kv_policy="lazy", kv_budget=1.5)
+        Generator(model, WordTokenizer(), kv_policy="lazy", kv_budget=1.5)
     with pytest.raises(ValueError, match="kv_budget"):
-        Generator(model, _Tokenizer(), kv_policy="h2o")
+        Generator(model, WordTokenizer(), kv_policy="h2o")
     with pytest.raises(ValueError, match="kv_kwargs"):
-        Generator(model, _Tokenizer(), kv_policy="lazy", kv_budget=0.5, kv_kwargs={"beta": 1})
+        Generator(model, WordTokenizer(), kv_policy="lazy", kv_budget=0.5, kv_kwargs={"beta": 1})
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=0)
     with pytest.raises(ValueError, match="top_p"):
@@ -185,7 +195,7 @@ def test_bad_arguments_name_the_field():
 def test_lazy_eviction_keeps_peak_kv_under_budget():
     model = _tiny(seed=9, layers=2)
     budget, rows = 16, len(PROMPTS) * 2
-    generator = Generator(model, _Tokenizer(), kv_policy="lazy", kv_budget=budget, kv_kwargs={"window": 4})
+    generator = Generator(model, WordTokenizer(), kv_policy="lazy", kv_budget=budget, kv_kwargs={"window": 4})
     batch = generator.generate(PROMPTS, SamplingParams(max_new_tokens=30, temperature=1.0, seed=0), 2)
     per_token = 2 * 2 * 16 * 2 * 4  # layers * kv heads * head dim * (k, v) * fp32 bytes
     assert max(len(r.completion_ids) for r in batch.rollouts) == 30
@@ -199,7 +209,7 @@ def test_compressed_policies_generate_under_a_tight_budget(policy):
     budget = 6 if policy in ("snapkv", "windowkv") else 12
     kwargs = {"window": 2} if policy in ("snapkv", "lazy") else {"window": 2, "segment": 2} \
         if policy == "windowkv" else {}
-    batch = Generator(model, _Tokenizer(), kv_policy=policy, kv_budget=budget, kv_kwargs=kwargs).generate(
+    batch = Generator(model, WordTokenizer(), kv_policy=policy, kv_budget=budget, kv_kwargs=kwargs).generate(
         PROMPTS, SamplingParams(max_new_tokens=16, greedy=True))
     assert all(len(r.completion_ids) == 16 and torch.isfinite(r.logprobs).all() for r in batch.rollouts)
     assert batch.stats["peak_kv_bytes"] < batch.stats["full_kv_bytes"]

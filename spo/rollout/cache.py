@@ -10,7 +10,8 @@ Every slot has a validity bit ``valid[layer, row, slot]`` and a logical position
 to the row's first free slot while the row is under its budget, otherwise to the slot its policy evicts
 (``KVPolicy.victims``). Bulk evictions gather the kept slots to the front of the row (``compact``). Finished rows
 leave the batch by moving surviving tail rows into their place (``drop_rows``), which copies only as many rows
-as finished; the attention then runs on the first ``rows`` rows only.
+as finished; the attention then runs on the first ``rows`` rows and the first ``filled`` slots only (the
+high-water mark of slots ever written), so decoding reads the part of the buffers in use, not their capacity.
 
 Token accounting is logical (what a paged allocator would hold): ``peak_tokens`` is the largest number of valid
 slots, summed over layers and rows, at any point of the call.
@@ -43,6 +44,7 @@ class RolloutCache(Cache):
                       for name, value in policy.stats.items() if value != "pos"}
         self.newest = torch.zeros(rows, dtype=torch.long, device=device)  # logical position of each row's newest token
         self.rows = rows
+        self.filled = 0  # slots [filled, capacity) have never held a token in any layer or row
         self._heads = torch.arange(kv_heads, device=device)[None, :]
         self._slots: torch.Tensor | None = None  # [layers, rows] slot of this step's token, -1: overwrite a victim
         self._prefill: tuple[torch.Tensor, torch.Tensor] | None = None  # (query validity, query positions)
@@ -74,13 +76,13 @@ class RolloutCache(Cache):
         self.pos[layer_idx].index_put_(index, fresh)
         for name, value in self.policy.stats.items():
             self.stats[name][layer_idx].index_put_(index, fresh.float() if value == "pos" else self._fill[name])
-        return k[:rows], v[:rows]
+        return k[:rows, :, : self.filled], v[:rows, :, : self.filled]
 
     # --- the generator's side ----------------------------------------------------------------------------------------
 
     def mask(self, layer: int = 0) -> torch.Tensor:
-        """Decoding mask [rows, 1, 1, capacity] (a view: it follows ``valid``)."""
-        return self.valid[layer, : self.rows, None, None, :]
+        """Decoding mask [rows, 1, 1, filled] (a view: it follows ``valid``)."""
+        return self.valid[layer, : self.rows, None, None, : self.filled]
 
     def begin_prefill(self, valid: torch.Tensor, positions: torch.Tensor) -> None:
         """The next forward pass encodes prompts [rows, T] left-padded (``valid`` false on padding)."""
@@ -91,6 +93,7 @@ class RolloutCache(Cache):
         for name, value in self.policy.stats.items():
             self.stats[name][:, : self.rows, :, :length] = slot_pos.float() if value == "pos" else value
         self.newest[: self.rows] = positions[:, -1]
+        self.filled = max(self.filled, length)
         self._prefill = (valid, positions)
         self._account()
 
@@ -111,6 +114,7 @@ class RolloutCache(Cache):
             room &= valid.sum(-1, keepdim=True) < self.decode_budget
         valid.scatter_(2, first, valid.gather(2, first) | room)
         self._slots = torch.where(room, first, -1).squeeze(-1)
+        self.filled = max(self.filled, int(self._slots.max()) + 1)
         self.observed = 0
         self._account()
 

@@ -1,0 +1,100 @@
+"""Linear layers on prepacked oneDNN weights for CPU decoding.
+
+A decoding step multiplies a few dozen rows by every weight matrix of the model. On a CPU the default
+``F.linear`` path (MKL on a plain row-major weight) reaches a fraction of the machine's peak at that shape; the
+same product on a weight reordered once into oneDNN's blocked layout runs 1.5x (projections) to 3x (the
+vocabulary head) faster on the embedded model, in float32 and bfloat16 alike (``benchmarks/rollout.py``). This
+is the prepacking PyTorch's own CPU compiler applies to frozen weights; here it is done without compiling.
+
+``PackedLinears.applied(model)`` routes every plain ``nn.Linear`` of the model (adapter layers included: PEFT
+wraps plain ``nn.Linear`` modules) through a packed copy of its weight for the duration of the block, by
+setting the instance's ``forward`` and removing it afterwards; the model class is never touched. Packed copies
+are kept between calls and repacked when a weight changes: the tensor's version counter catches in-place
+updates (optimizer steps, ``copy_`` under ``no_grad``) and one sampled element per weight row catches writes
+through ``.data`` (which bypass the counter, e.g. PEFT's merge). Packing holds one extra copy of the linear
+weights; it applies only on CPU, in float32 or bfloat16, outside autocast (packing is ``pack_weights=False``
+away in ``Generator``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def packing_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def _row_sample(weight: torch.Tensor) -> torch.Tensor:
+    """One element per row, in a different column each row (stride ``in_features + 1`` over the flat weight)."""
+    return weight.detach().reshape(-1)[:: weight.shape[1] + 1].clone()
+
+
+class _Packed:
+    __slots__ = ("weight", "bias", "key", "sample")
+
+    def __init__(self, module: nn.Linear):
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach())
+        self.bias = None if module.bias is None else module.bias.detach()
+        self.key = _key(module)
+        self.sample = _row_sample(module.weight)
+
+    def current(self, module: nn.Linear) -> bool:
+        return self.key == _key(module) and torch.equal(self.sample, _row_sample(module.weight))
+
+
+def _key(module: nn.Linear) -> tuple:
+    weight, bias = module.weight, module.bias
+    key = (weight.data_ptr(), weight._version, weight.shape, weight.dtype)
+    return key if bias is None else (*key, bias.data_ptr(), bias._version)
+
+
+def _packed_forward(module: nn.Linear, packed: _Packed):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != packed.weight.dtype or x.device.type != "cpu":
+            return nn.functional.linear(x, module.weight, module.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, packed.weight, packed.bias, "none", [], "")
+
+    return forward
+
+
+class PackedLinears:
+    """Packed copies of a model's ``nn.Linear`` weights, reused across calls while the weights stay the same."""
+
+    def __init__(self):
+        self._packed: dict[nn.Linear, _Packed] = {}
+
+    @staticmethod
+    def _eligible(model: nn.Module) -> list[nn.Linear]:
+        if not packing_available() or torch.is_autocast_enabled("cpu"):
+            return []
+        return [m for m in model.modules()
+                if type(m) is nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype in PACKABLE_DTYPES
+                and "forward" not in m.__dict__]
+
+    @contextlib.contextmanager
+    def applied(self, model: nn.Module):
+        """Inside the block, the model's eligible linear layers compute on packed weights."""
+        modules = self._eligible(model)
+        packed = {}
+        with torch.no_grad():
+            for module in modules:
+                entry = self._packed.get(module)
+                packed[module] = entry if entry is not None and entry.current(module) else _Packed(module)
+        self._packed = packed  # drops the copies of layers no longer in use
+        try:
+            for module, entry in packed.items():
+                module.forward = _packed_forward(module, entry)
+            yield
+        finally:
+            for module in packed:
+                module.__dict__.pop("forward", None)
+
+    def clear(self) -> None:
+        """Free the packed copies (they are rebuilt on the next call)."""
+        self._packed = {}
