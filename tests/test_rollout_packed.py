@@ -119,3 +119,18 @@ def test_model_is_restored_when_generation_fails():
     with pytest.raises(RuntimeError, match="boom"):
         generator.generate(PROMPTS, GREEDY)
     assert _no_instance_forwards(model)
+
+
+def test_a_weight_that_cannot_be_packed_stays_on_plain_linear(monkeypatch):
+    import spo.rollout.packed as packed_module
+
+    def refuse(module):
+        raise RuntimeError("no blocked layout here")
+
+    monkeypatch.setattr(packed_module, "_Packed", refuse)
+    model = _model(seed=7)
+    with pytest.warns(RuntimeWarning, match="cannot prepack"):
+        ids, logprobs = _greedy(model, pack=True)
+    plain, plain_logprobs = _greedy(model, pack=False)
+    assert ids == plain and torch.equal(logprobs, plain_logprobs)
+    assert _no_instance_forwards(model)

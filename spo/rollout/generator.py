@@ -63,7 +63,6 @@ class Generator:
         self.max_batch_rows = max_batch_rows  # rows decoded at once; larger requests run in consecutive chunks
         self.policy = make_policy(kv_policy, kv_budget, **(kv_kwargs or {}))
         self.packed = PackedLinears() if pack_weights else None
-        self.packed = PackedLinears() if pack_weights else None
         config = model.config.get_text_config()
         self.config = config
         self.num_layers = config.num_hidden_layers

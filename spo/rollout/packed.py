@@ -12,13 +12,14 @@ setting the instance's ``forward`` and removing it afterwards; the model class i
 are kept between calls and repacked when a weight changes: the tensor's version counter catches in-place
 updates (optimizer steps, ``copy_`` under ``no_grad``) and one sampled element per weight row catches writes
 through ``.data`` (which bypass the counter, e.g. PEFT's merge). Packing holds one extra copy of the linear
-weights; it applies only on CPU, in float32 or bfloat16, outside autocast (packing is ``pack_weights=False``
-away in ``Generator``).
+weights; it applies only on CPU, in float32 or bfloat16, outside autocast. ``Generator(pack_weights=False)``
+turns it off.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 from torch import nn
@@ -31,8 +32,9 @@ def packing_available() -> bool:
 
 
 def _row_sample(weight: torch.Tensor) -> torch.Tensor:
-    """One element per row, in a different column each row (stride ``in_features + 1`` over the flat weight)."""
-    return weight.detach().reshape(-1)[:: weight.shape[1] + 1].clone()
+    """One element per row, the column moving by one from row to row."""
+    rows = torch.arange(weight.shape[0], device=weight.device)
+    return weight.detach()[rows, rows % weight.shape[1]]
 
 
 class _Packed:
@@ -85,7 +87,14 @@ class PackedLinears:
         with torch.no_grad():
             for module in modules:
                 entry = self._packed.get(module)
-                packed[module] = entry if entry is not None and entry.current(module) else _Packed(module)
+                if entry is None or not entry.current(module):
+                    try:
+                        entry = _Packed(module)
+                    except RuntimeError as error:  # a oneDNN build without this layout: plain F.linear
+                        warnings.warn(f"spo.rollout: cannot prepack a {tuple(module.weight.shape)} linear weight "
+                                      f"({error}); it stays on F.linear", RuntimeWarning, stacklevel=3)
+                        continue
+                packed[module] = entry
         self._packed = packed  # drops the copies of layers no longer in use
         try:
             for module, entry in packed.items():
@@ -94,7 +103,3 @@ class PackedLinears:
         finally:
             for module in packed:
                 module.__dict__.pop("forward", None)
-
-    def clear(self) -> None:
-        """Free the packed copies (they are rebuilt on the next call)."""
-        self._packed = {}
