@@ -97,6 +97,16 @@ def test_autocast_disables_packing():
     assert ids == plain
 
 
+def test_autocast_inside_the_forward_is_honoured():
+    """accelerate's mixed precision wraps ``model.forward`` in autocast: packing must not bypass it."""
+    model = _model(seed=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, expected_logprobs = _greedy(model, pack=False)
+    model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)
+    ids, logprobs = _greedy(model, pack=True)
+    assert ids == expected and torch.equal(logprobs, expected_logprobs)
+
+
 def test_live_lora_adapters_are_packed_with_their_base_layers():
     from peft import LoraConfig, get_peft_model
 

@@ -12,7 +12,8 @@ setting the instance's ``forward`` and removing it afterwards; the model class i
 are kept between calls and repacked when a weight changes: the tensor's version counter catches in-place
 updates (optimizer steps, ``copy_`` under ``no_grad``) and one sampled element per weight row catches writes
 through ``.data`` (which bypass the counter, e.g. PEFT's merge). Packing holds one extra copy of the linear
-weights; it applies only on CPU, in float32 or bfloat16, outside autocast. ``Generator(pack_weights=False)``
+weights; it applies only on CPU, in float32 or bfloat16, outside autocast (checked per call, since
+accelerate's mixed precision turns autocast on inside the model's forward). ``Generator(pack_weights=False)``
 turns it off.
 """
 
@@ -58,7 +59,8 @@ def _key(module: nn.Linear) -> tuple:
 
 def _packed_forward(module: nn.Linear, packed: _Packed):
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != packed.weight.dtype or x.device.type != "cpu":
+        # autocast can also be switched on inside the model's forward (accelerate's mixed precision wraps it)
+        if x.dtype != packed.weight.dtype or x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
             return nn.functional.linear(x, module.weight, module.bias)
         return torch.ops.mkldnn._linear_pointwise(x, packed.weight, packed.bias, "none", [], "")
 
