@@ -11,7 +11,7 @@
 3. KV policies at 25/50/75% budgets: peak KV bytes versus a full cache, and accuracy on the arithmetic task
    (greedy, ``rewards.accuracy.numeric_accuracy``).
 
-    python benchmarks/rollout.py                                   # everything (about 15 minutes on 2 cores)
+    python benchmarks/rollout.py                                   # everything (about 27 minutes on 2 cores)
     python benchmarks/rollout.py --batches 8 --new-tokens 32 --problems 8 --skip-hf   # a quick look
 """
 
@@ -152,6 +152,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--sections", default="throughput,forking,policies")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(EMBEDDED_MODEL).eval()

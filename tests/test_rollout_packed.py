@@ -111,7 +111,12 @@ def test_live_lora_adapters_are_packed_with_their_base_layers():
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(_model(seed=5), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    ids, logprobs = _greedy(model, pack=True)
+    generator = Generator(model, WordTokenizer())
+    ids, logprobs = _greedy(model, pack=True, generator=generator)
+    names = {module: name for name, module in model.named_modules()}
+    packed = {names[module] for module in generator.packed._packed}
+    assert any(name.endswith("q_proj.base_layer") for name in packed)
+    assert any(name.endswith("q_proj.lora_A.default") for name in packed)
     plain, plain_logprobs = _greedy(model, pack=False)
     assert ids == plain
     assert torch.allclose(logprobs, plain_logprobs, atol=1e-4)
