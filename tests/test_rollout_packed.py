@@ -50,7 +50,7 @@ def test_packed_forward_is_used_and_computes_the_linear_map():
     with torch.no_grad(), packed.applied(layer):
         assert "forward" in layer.__dict__
         out = layer(x)
-    assert "forward" not in layer.__dict__
+    assert "forward" not in layer.__dict__ and packed._packed[layer] is not None
     assert torch.allclose(out, nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5)
 
 
@@ -88,13 +88,13 @@ def test_unchanged_weights_are_packed_once():
 
 def test_autocast_disables_packing():
     model = _model(seed=4)
-    layer = model.lm_head
-    with torch.autocast("cpu", dtype=torch.bfloat16), PackedLinears().applied(model):
-        assert "forward" not in layer.__dict__
+    generator = Generator(model, WordTokenizer())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ids, _ = _greedy(model, pack=True)
-        plain, _ = _greedy(model, pack=False)
-    assert ids == plain
+        ids, logprobs = _greedy(model, pack=True, generator=generator)
+        plain, plain_logprobs = _greedy(model, pack=False)
+    assert ids == plain and torch.equal(logprobs, plain_logprobs)
+    assert not generator.packed._packed  # nothing packed for nothing
+    assert _no_instance_forwards(model)
 
 
 def test_autocast_inside_the_forward_is_honoured():
@@ -103,8 +103,10 @@ def test_autocast_inside_the_forward_is_honoured():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected, expected_logprobs = _greedy(model, pack=False)
     model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)
-    ids, logprobs = _greedy(model, pack=True)
+    generator = Generator(model, WordTokenizer())
+    ids, logprobs = _greedy(model, pack=True, generator=generator)
     assert ids == expected and torch.equal(logprobs, expected_logprobs)
+    assert not generator.packed._packed
 
 
 def test_live_lora_adapters_are_packed_with_their_base_layers():

@@ -12,8 +12,8 @@ setting the instance's ``forward`` and removing it afterwards; the model class i
 are kept between calls and repacked when a weight changes: the tensor's version counter catches in-place
 updates (optimizer steps, ``copy_`` under ``no_grad``) and one sampled element per weight row catches writes
 through ``.data`` (which bypass the counter, e.g. PEFT's merge). Packing holds one extra copy of the linear
-weights; it applies only on CPU, in float32 or bfloat16, outside autocast (checked per call, since
-accelerate's mixed precision turns autocast on inside the model's forward). ``Generator(pack_weights=False)``
+weights, made on a layer's first call outside autocast (checked per call, since accelerate's mixed precision
+turns autocast on inside the model's forward); it applies only on CPU, in float32 or bfloat16. ``Generator(pack_weights=False)``
 turns it off.
 """
 
@@ -57,51 +57,55 @@ def _key(module: nn.Linear) -> tuple:
     return key if bias is None else (*key, bias.data_ptr(), bias._version)
 
 
-def _packed_forward(module: nn.Linear, packed: _Packed):
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        # autocast can also be switched on inside the model's forward (accelerate's mixed precision wraps it)
-        if x.dtype != packed.weight.dtype or x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
-            return nn.functional.linear(x, module.weight, module.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, packed.weight, packed.bias, "none", [], "")
-
-    return forward
-
-
 class PackedLinears:
     """Packed copies of a model's ``nn.Linear`` weights, reused across calls while the weights stay the same."""
 
     def __init__(self):
-        self._packed: dict[nn.Linear, _Packed] = {}
+        self._packed: dict[nn.Linear, _Packed | None] = {}  # None: this weight cannot be packed
 
-    @staticmethod
-    def _eligible(model: nn.Module) -> list[nn.Linear]:
-        if not packing_available() or torch.is_autocast_enabled("cpu"):
-            return []
-        return [m for m in model.modules()
-                if type(m) is nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype in PACKABLE_DTYPES
-                and "forward" not in m.__dict__]
+    def _current(self, module: nn.Linear) -> _Packed | None:
+        """The module's packed weight, (re)packed if missing or stale."""
+        entry = self._packed.get(module)
+        if module in self._packed and (entry is None or entry.current(module)):
+            return entry
+        try:
+            with torch.no_grad():
+                entry = _Packed(module)
+        except RuntimeError as error:  # a oneDNN build without this layout: plain F.linear
+            warnings.warn(f"spo.rollout: cannot prepack a {tuple(module.weight.shape)} linear weight ({error}); "
+                          "it stays on F.linear", RuntimeWarning, stacklevel=2)
+            entry = None
+        self._packed[module] = entry
+        return entry
+
+    def _forward(self, module: nn.Linear):
+        entry = unchecked = object()  # checked against the weight on first use in each block, packed lazily
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            nonlocal entry
+            # autocast may be switched on inside the model's forward (accelerate's mixed precision wraps it)
+            if x.dtype != module.weight.dtype or x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+                return nn.functional.linear(x, module.weight, module.bias)
+            if entry is unchecked:
+                entry = self._current(module)
+            if entry is None:
+                return nn.functional.linear(x, module.weight, module.bias)
+            return torch.ops.mkldnn._linear_pointwise(x, entry.weight, entry.bias, "none", [], "")
+
+        return forward
 
     @contextlib.contextmanager
     def applied(self, model: nn.Module):
-        """Inside the block, the model's eligible linear layers compute on packed weights."""
-        modules = self._eligible(model)
-        packed = {}
-        with torch.no_grad():
-            for module in modules:
-                entry = self._packed.get(module)
-                if entry is None or not entry.current(module):
-                    try:
-                        entry = _Packed(module)
-                    except RuntimeError as error:  # a oneDNN build without this layout: plain F.linear
-                        warnings.warn(f"spo.rollout: cannot prepack a {tuple(module.weight.shape)} linear weight "
-                                      f"({error}); it stays on F.linear", RuntimeWarning, stacklevel=3)
-                        continue
-                packed[module] = entry
-        self._packed = packed  # drops the copies of layers no longer in use
+        """Inside the block, the model's plain linear layers compute on packed weights (packed on first use, so
+        a block run entirely under autocast packs nothing)."""
+        modules = [] if not packing_available() else [
+            m for m in model.modules()
+            if type(m) is nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype in PACKABLE_DTYPES
+            and "forward" not in m.__dict__]
         try:
-            for module, entry in packed.items():
-                module.forward = _packed_forward(module, entry)
+            for module in modules:
+                module.forward = self._forward(module)
             yield
         finally:
-            for module in packed:
+            for module in modules:
                 module.__dict__.pop("forward", None)
