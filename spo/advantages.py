@@ -36,16 +36,22 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return (group_size / (group_size - 1) * (groups - groups.mean(dim=1, keepdim=True))).flatten()
 
 
-def whiten(advantages: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def whiten(advantages: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+           sum_over_processes=lambda moments: moments) -> torch.Tensor:
     """``(A - mean) / sqrt(var + 1e-8)`` with mean and variance taken over the tokens where ``mask`` is set
-    (the probability mask, so tokens that get no gradient do not move the statistics)."""
-    weights = mask.float()
-    count = weights.sum()
+    (the probability mask, so tokens that get no gradient do not move the statistics). ``sum_over_processes``
+    sums the moments ``[count, sum, sum of squares]`` over processes (an all-reduce), for statistics over a
+    batch split across them."""
+    weights = mask.double()
+    values = advantages.double()
+    moments = sum_over_processes(torch.stack([weights.sum(), (values * weights).sum(),
+                                              (values * values * weights).sum()]))
+    count, total, squares = moments.tolist()
     if count < 1:
         return advantages * 0
-    mean = (advantages * weights).sum() / count
-    variance = (((advantages - mean) ** 2) * weights).sum() / count
+    mean = total / count
+    variance = max(0.0, squares / count - mean * mean)
     if count > 1:  # unbiased, as the published code
-        variance = variance * count / (count - 1)
-    whitened = (advantages - mean) * torch.rsqrt(variance + EPS)
+        variance *= count / (count - 1)
+    whitened = ((values - mean) / (variance + EPS) ** 0.5).to(advantages.dtype)
     return whitened if shift_mean else whitened + mean

@@ -1,4 +1,9 @@
-"""The clipped policy-gradient loss shared by every algorithm, with the probability mask and the k3 KL term."""
+"""The clipped policy-gradient loss shared by every algorithm, with the probability mask and the k3 KL term.
+
+The loss of one optimizer step is a sum over its micro-batches of ``sum(per-token terms) / normaliser``, where the
+normaliser is fixed for the whole step (see ``LOSS_TYPES`` and ``spo.trainer.learner``), so that splitting a batch
+into micro-batches, or over processes, gives the same loss and gradient as one big batch.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,14 @@ from dataclasses import dataclass
 
 import torch
 
-LOSS_TYPES = ("dapo", "grpo", "dr_grpo")
+# dapo: token mean over every process and accumulation step of the optimizer step (the global token count);
+# bnpo: token mean over this process's micro-batches of the step (the local token count);
+# grpo: mean over sequences of each sequence's token mean; dr_grpo: token sum / (sequences * max_completion_length)
+LOSS_TYPES = ("dapo", "bnpo", "grpo", "dr_grpo")
 
 
 def probability_mask(response_mask: torch.Tensor, token_probs: torch.Tensor, threshold: float) -> torch.Tensor:
-    """``mask_t = response_mask_t * 1[p_t < threshold]``: only uncertain tokens get gradient (SPO 1.4)."""
+    """``mask_t = response_mask_t * 1[p_t < threshold]``: only uncertain tokens get gradient."""
     return response_mask.bool() & (token_probs < threshold)
 
 
@@ -22,12 +30,12 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class LossOutput:
-    loss: torch.Tensor
-    policy_loss: torch.Tensor
-    kl: torch.Tensor
-    clip_low_fraction: torch.Tensor
-    clip_high_fraction: torch.Tensor
-    ratio_mean: torch.Tensor
+    loss: torch.Tensor  # this micro-batch's share of the step's loss (differentiable)
+    kl_sum: torch.Tensor  # sum of k3 over the masked tokens
+    clipped_low: torch.Tensor  # masked tokens clipped below (negative advantage)
+    clipped_high: torch.Tensor  # masked tokens clipped above (positive advantage)
+    ratio_sum: torch.Tensor  # sum of the ratio over the masked tokens
+    tokens: torch.Tensor  # masked tokens
 
 
 def policy_loss(
@@ -36,23 +44,21 @@ def policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
+    normaliser: float,
+    loss_type: str = "dapo",
     epsilon_low: float = 0.2,
     epsilon_high: float = 0.2,
     ref_logp: torch.Tensor | None = None,
     beta: float = 0.0,
     importance_weights: torch.Tensor | None = None,
-    loss_type: str = "dapo",
-    max_completion_length: int | None = None,
-    normaliser: float | None = None,
 ) -> LossOutput:
-    """Clipped surrogate over [N, T] tokens.
+    """Clipped surrogate over [N, T] tokens, KL added per token before normalising (as TRL does).
 
     ``r_t = exp(clamp(logp_t - oldlogp_t, -10, 10))``;
-    ``L_pg = sum_t mask_t * max(-A_t r_t, -A_t clip(r_t, 1 - eps_low, 1 + eps_high)) * w_t / norm`` where
-    ``w_t`` are optional (truncated) importance weights for samples drawn by a different sampler, and ``norm``
-    is the masked token count (``dapo``: token mean), per sequence (``grpo``: mean of sequence means), or
-    ``N * max_completion_length`` (``dr_grpo``). ``normaliser`` overrides the count (for gradient accumulation
-    over micro-batches of one batch). KL: ``beta * mean_seq sum_t mask_t k3_t``.
+    ``l_t = max(-A_t r_t, -A_t clip(r_t, 1 - eps_low, 1 + eps_high)) * w_t + beta * k3_t``, with ``w_t`` optional
+    (truncated) importance weights for samples drawn by a different sampler. The result is
+    ``sum_t mask_t l_t / normaliser`` (``grpo``: ``sum_seq mean_t(mask_t l_t) / normaliser``); the caller passes
+    the normaliser of the whole optimizer step (a token count, a sequence count, or sequences x max length).
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
@@ -62,27 +68,16 @@ def policy_loss(
     per_token = torch.maximum(-advantages * ratio, -advantages * clipped)
     if importance_weights is not None:
         per_token = per_token * importance_weights
-    n = logp.shape[0]
-    if loss_type == "grpo":
-        per_sequence = (per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
-        pg = per_sequence.sum() / (normaliser if normaliser is not None else n)
-    else:
-        if normaliser is None:
-            if loss_type == "dr_grpo":
-                if max_completion_length is None:
-                    raise ValueError("loss_type 'dr_grpo' needs max_completion_length")
-                normaliser = n * max_completion_length
-            else:
-                normaliser = mask.sum().clamp(min=1)
-        pg = (per_token * mask).sum() / normaliser
-
-    kl = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    kl = torch.zeros_like(logp)
     if beta and ref_logp is not None:
-        kl = (k3_kl(logp, ref_logp) * mask).sum(dim=1).mean()
+        kl = k3_kl(logp, ref_logp)
+        per_token = per_token + beta * kl
+    if loss_type == "grpo":
+        total = ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).sum()
+    else:
+        total = (per_token * mask).sum()
     with torch.no_grad():
-        count = mask.sum().clamp(min=1)
         low = ((ratio < 1 - epsilon_low) & (advantages < 0)).float()
         high = ((ratio > 1 + epsilon_high) & (advantages > 0)).float()
-        stats = ((low * mask).sum() / count, (high * mask).sum() / count, (ratio * mask).sum() / count)
-    return LossOutput(loss=pg + beta * kl, policy_loss=pg.detach(), kl=kl.detach(), clip_low_fraction=stats[0],
-                      clip_high_fraction=stats[1], ratio_mean=stats[2])
+        stats = ((kl * mask).sum(), (low * mask).sum(), (high * mask).sum(), (ratio * mask).sum(), mask.sum())
+    return LossOutput(total / normaliser, *stats)

@@ -7,6 +7,7 @@ that finishes early is a leaf. ``V(leaf) = reward``, ``V(node) = mean over its c
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -81,28 +82,32 @@ def leaves(root: TreeNode) -> list[TreeNode]:
     return [leaf for child in root.children for leaf in leaves(child)]
 
 
-def hierarchical_values(root: TreeNode) -> float:
-    """Fill ``value`` bottom-up: a leaf's reward, else the mean of its children's values. Returns the root's."""
+def hierarchical_values(root: TreeNode) -> float | None:
+    """Fill ``value`` bottom-up: a leaf's reward, else the mean of its children's values. Returns the root's.
+    A leaf whose reward is NaN was not scored (a reward function skipped it): it has no value, and a node whose
+    children have none has none either, so unscored completions never enter a mean or an edge."""
     if root.is_leaf:
         if root.reward is None:
-            raise ValueError("every leaf needs a reward before values are computed")
-        root.value = float(root.reward)
+            raise ValueError("every leaf needs a reward before values are computed (NaN marks an unscored one)")
+        root.value = None if math.isnan(root.reward) else float(root.reward)
     else:
-        root.value = sum(hierarchical_values(child) for child in root.children) / len(root.children)
+        values = [v for v in (hierarchical_values(child) for child in root.children) if v is not None]
+        root.value = sum(values) / len(values) if values else None
     return root.value
 
 
 def edges(root: TreeNode, normalize_by_sibling_std: bool = False) -> list[tuple[TreeNode, float]]:
     """Every parent -> child edge with advantage ``V(child) - V(parent)`` (optionally divided by the siblings'
-    std + 1e-8); edges with zero advantage are dropped."""
+    std + 1e-8); edges with zero advantage, and edges into subtrees without a scored leaf, are dropped."""
     out = []
     stack = [root]
     while stack:
         node = stack.pop()
-        if node.children:
-            values = torch.tensor([c.value for c in node.children], dtype=torch.float64)
+        scored = [c for c in node.children if c.value is not None]
+        if scored and node.value is not None:
+            values = torch.tensor([c.value for c in scored], dtype=torch.float64)
             scale = float(values.std(unbiased=False)) + 1e-8 if normalize_by_sibling_std else 1.0
-            for child in node.children:
+            for child in scored:
                 advantage = (child.value - node.value) / scale
                 if abs(advantage) > 1e-12:
                     out.append((child, advantage))

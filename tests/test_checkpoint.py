@@ -23,7 +23,7 @@ def _complete_checkpoint(tmp_path, step=2):
     staging.mkdir()
     model = torch.nn.Linear(2, 2)
     ckpt.write_model_part(staging, model)
-    ckpt.write_rng(staging, 0, {"torch": torch.get_rng_state()})
+    ckpt.write_rank_state(staging, 0, {"torch": torch.get_rng_state()})
     return ckpt.finalize(staging, tmp_path, step, {"step": step}, keep=None), model
 
 

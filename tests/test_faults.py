@@ -113,7 +113,7 @@ def _assert_nothing_half_visible(out: Path) -> None:
         if re.fullmatch(r"checkpoint-\d+", path.name):
             assert (path / ckpt.MARKER).is_file(), f"{path} is visible without its {ckpt.MARKER} marker"
             load_file(str(path / "trainable.safetensors"))
-            for state in ("trainer_state.pt", "rng_state_0.pt"):
+            for state in ("trainer_state.pt", "rank_state_0.pt"):
                 ckpt.load_state(path, state)
         elif path.name == "adapter":
             load_file(str(path / "adapter_model.safetensors"))

@@ -75,45 +75,48 @@ def test_clipping_on_both_sides():
     adv = torch.tensor([[1.0, -1.0, 1.0, -1.0]])
     old = torch.zeros(1, 4)
     logp = torch.log(torch.tensor([[1.5, 0.5, 0.9, 1.1]]))  # ratios
-    out = policy_loss(logp, old, adv, torch.ones(1, 4), epsilon_low=0.2, epsilon_high=0.3)
+    out = policy_loss(logp, old, adv, torch.ones(1, 4), normaliser=4, epsilon_low=0.2, epsilon_high=0.3)
     # per token: max(-A r, -A clip(r)): [-1.3, 0.8, -0.9, 1.1]
     assert out.loss.item() == pytest.approx((-1.3 + 0.8 - 0.9 + 1.1) / 4, rel=1e-5)
-    assert out.clip_high_fraction.item() == pytest.approx(0.25)
-    assert out.clip_low_fraction.item() == pytest.approx(0.25)
+    assert out.clipped_high.item() == 1 and out.clipped_low.item() == 1 and out.tokens.item() == 4
 
 
 def test_gradient_only_through_unclipped_and_masked_tokens():
     logp = torch.log(torch.tensor([[1.5, 1.0, 1.0]])).requires_grad_()
-    out = policy_loss(logp, torch.zeros(1, 3), torch.tensor([[1.0, 1.0, 5.0]]), torch.tensor([[1, 1, 0]]))
+    out = policy_loss(logp, torch.zeros(1, 3), torch.tensor([[1.0, 1.0, 5.0]]), torch.tensor([[1, 1, 0]]),
+                      normaliser=2)
     out.loss.backward()
     assert logp.grad[0, 0] == 0 and logp.grad[0, 2] == 0  # clipped; masked out
-    assert logp.grad[0, 1].item() == pytest.approx(-0.5)  # -A * r / count(=2)
-    assert out.loss.item() == pytest.approx((-1.2 - 1.0) / 2)  # denominator counts masked tokens only
+    assert logp.grad[0, 1].item() == pytest.approx(-0.5)  # -A * r / normaliser
+    assert out.loss.item() == pytest.approx((-1.2 - 1.0) / 2)
 
 
-def test_k3_kl_values_and_loss_term():
+def test_kl_is_added_per_token_before_normalising():
     logp, ref = torch.log(torch.tensor([[0.5, 0.25]])), torch.log(torch.tensor([[0.25, 0.25]]))
     expected = [0.5 - math.log(0.5) - 1, 0.0]
     assert k3_kl(logp, ref)[0].tolist() == pytest.approx(expected, abs=1e-6)
-    out = policy_loss(logp, logp.detach(), torch.zeros(1, 2), torch.ones(1, 2), ref_logp=ref, beta=0.1)
-    assert out.kl.item() == pytest.approx(sum(expected), abs=1e-6)
-    assert out.loss.item() == pytest.approx(0.1 * sum(expected), abs=1e-6)
-    masked = policy_loss(logp, logp.detach(), torch.zeros(1, 2), torch.tensor([[0, 1]]), ref_logp=ref, beta=0.1)
-    assert masked.kl.item() == pytest.approx(0.0, abs=1e-6)
+    out = policy_loss(logp, logp.detach(), torch.zeros(1, 2), torch.ones(1, 2), normaliser=2, ref_logp=ref, beta=0.1)
+    assert out.kl_sum.item() == pytest.approx(sum(expected), abs=1e-6)
+    assert out.loss.item() == pytest.approx(0.1 * sum(expected) / 2, abs=1e-6)  # divided like the policy term
+    masked = policy_loss(logp, logp.detach(), torch.zeros(1, 2), torch.tensor([[0, 1]]), normaliser=1,
+                         ref_logp=ref, beta=0.1)
+    assert masked.kl_sum.item() == pytest.approx(0.0, abs=1e-6) and masked.loss.item() == pytest.approx(0.0)
 
 
 def test_loss_types_and_importance_weights():
     logp = torch.zeros(2, 3)
     adv = torch.ones(2, 3)
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
-    assert policy_loss(logp, logp, adv, mask).loss.item() == pytest.approx(-1.0)
-    assert policy_loss(logp, logp, adv, mask, loss_type="grpo").loss.item() == pytest.approx(-1.0)
-    assert policy_loss(logp, logp, adv, mask, loss_type="dr_grpo", max_completion_length=4).loss.item() == \
-        pytest.approx(-4 / 8)
+    assert policy_loss(logp, logp, adv, mask, normaliser=4).loss.item() == pytest.approx(-1.0)
+    # grpo: the sum of the sequences' token means, over the sequence count
+    assert policy_loss(logp, logp, adv, mask, normaliser=2, loss_type="grpo").loss.item() == pytest.approx(-1.0)
+    half = torch.tensor([[1.0, 1.0, 1.0], [0.5, 0.5, 0.5]])
+    assert policy_loss(logp, logp, half, mask, normaliser=2, loss_type="grpo").loss.item() == pytest.approx(-0.75)
     weights = torch.tensor([[0.5, 0.5, 0.5], [1.0, 1.0, 1.0]])
-    assert policy_loss(logp, logp, adv, mask, importance_weights=weights).loss.item() == pytest.approx(-2.5 / 4)
+    out = policy_loss(logp, logp, adv, mask, normaliser=4, importance_weights=weights)
+    assert out.loss.item() == pytest.approx(-2.5 / 4)
     with pytest.raises(ValueError, match="loss_type must be one of"):
-        policy_loss(logp, logp, adv, mask, loss_type="ppo")
+        policy_loss(logp, logp, adv, mask, normaliser=1, loss_type="ppo")
 
 
 def test_buffer_keeps_nonzero_and_evicts_by_age():

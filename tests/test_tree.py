@@ -94,3 +94,16 @@ def test_mc_cost_cap_drops_single_boundaries_only_when_allowed():
     assert [t.numel() for t in kept] == [1, 1, 1, 1]
     dropped = thin_boundaries(lists, cap=2, drop_order=[2, 0, 3, 1])
     assert [t.tolist() for t in dropped] == [[], [1], [], [5]]  # dropped in the given order, the rest intact
+
+
+def test_unscored_leaves_stay_out_of_values_and_edges():
+    """A leaf a reward function skipped (NaN) is not a 0.0 reward: it enters no mean and trains no edge."""
+    root = TreeNode(prompt_index=0, depth=0)
+    scored = _node(root)
+    win, loss, skipped = _node(scored, reward=1.0), _node(scored, reward=0.0), _node(scored, reward=float("nan"))
+    unscored = _node(root)
+    _node(unscored, reward=float("nan"))
+    assert hierarchical_values(root) == pytest.approx(0.5)  # 0.0 for the skipped leaf would give 1/3
+    assert unscored.value is None and skipped.value is None
+    advantages = {id(child): a for child, a in edges(root)}
+    assert advantages == pytest.approx({id(win): 0.5, id(loss): -0.5})

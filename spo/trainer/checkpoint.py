@@ -3,7 +3,8 @@ the previous complete checkpoint or the new complete one, never a half-written o
 
 Layout of ``checkpoint-<step>/``: ``trainable.safetensors`` (the trainable parameters: adapter pools or full
 weights), ``trainer_state.pt`` (optimizer, scheduler, buffer, data position, step; plain tensors and numbers,
-loaded with ``weights_only=True``), ``rng_state_<rank>.pt`` per process, and ``COMPLETE``.
+loaded with ``weights_only=True``), ``rank_state_<rank>.pt`` per process (random-number generators, sample buffer,
+replay), and ``COMPLETE``.
 
 A visible ``checkpoint-<step>`` folder only ever appears or disappears by one rename: a new one is published from
 ``.checkpoint-<step>.partial``, one it replaces or one rotation deletes is first renamed to a hidden name and only
@@ -57,12 +58,24 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
 
 
+def write_trainable(staging: Path, tensors: dict[str, torch.Tensor]) -> None:
+    save_file(tensors, str(staging / "trainable.safetensors"))
+
+
 def write_model_part(staging: Path, model) -> None:
-    save_file(trainable_state(model), str(staging / "trainable.safetensors"))
+    write_trainable(staging, trainable_state(model))
 
 
-def write_rng(staging: Path, rank: int, state: dict) -> None:
-    torch.save(state, staging / f"rng_state_{rank}.pt")
+def read_trainable(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "trainable.safetensors"))
+
+
+def rank_state_name(rank: int) -> str:
+    return f"rank_state_{rank}.pt"
+
+
+def write_rank_state(staging: Path, rank: int, state: dict) -> None:
+    torch.save(state, staging / rank_state_name(rank))
 
 
 # --- disk space ------------------------------------------------------------------------------------------------
@@ -174,7 +187,7 @@ def resolve(output_dir: Path, which: str) -> Path | None:
 
 
 def load_model_part(path: Path, model) -> None:
-    state = load_file(str(path / "trainable.safetensors"))
+    state = read_trainable(path)
     expected = {name for name, p in model.named_parameters() if p.requires_grad}
     if set(state) != expected:
         missing, unexpected = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]

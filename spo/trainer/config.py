@@ -44,7 +44,7 @@ class GRPOConfig:
     beta: float = 0.0
     epsilon: float = 0.2
     epsilon_high: float | None = None  # clip-higher; None = epsilon
-    loss_type: Literal["dapo", "grpo", "dr_grpo"] = "dapo"
+    loss_type: Literal["dapo", "bnpo", "grpo", "dr_grpo"] = "dapo"  # see spo.loss.LOSS_TYPES
     mask_truncated_completions: bool = False
     importance_sampling_cap: float | None = 2.0  # truncated IS weights against the sampler's log-probs; None = off
     # optimisation
@@ -59,7 +59,9 @@ class GRPOConfig:
     per_device_train_batch_size: int = 8  # completions per micro-batch
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
     gradient_checkpointing: bool = False
-    bf16: bool = False  # bfloat16 autocast for the learner's forward and backward (accelerate mixed precision)
+    # bfloat16 autocast for the learner's forward and backward (accelerate mixed precision; trained weights stay
+    # float32); None follows the launcher (accelerate launch --mixed_precision or its config file)
+    bf16: bool | None = None
     # selective sample buffer
     use_sample_buffer: bool = False
     buffer_capacity: int = 512

@@ -75,6 +75,8 @@ def trainer_config(recipe: Recipe):
     train = dict(recipe.train)
     if recipe.algorithm in ("rloo", "dr_grpo"):
         train.setdefault("advantage_estimator", recipe.algorithm)
+    if recipe.algorithm == "dr_grpo":  # Dr. GRPO is both its advantage and its loss normaliser
+        train.setdefault("loss_type", "dr_grpo")
     if recipe.dry_run:
         from .base import distributed_state
 
@@ -140,6 +142,13 @@ def build_trainer(recipe: Recipe):
 def train_from_recipe(path: str, overrides: list[str] | None = None) -> int:
     recipe = load_config(Recipe, path, overrides)
     trainer = build_trainer(recipe)
+    try:
+        return _train_and_evaluate(recipe, trainer)
+    finally:
+        trainer.close()
+
+
+def _train_and_evaluate(recipe: Recipe, trainer) -> int:
     main = trainer.accelerator.is_main_process
     before = None
     if recipe.evaluate_before and trainer.eval_dataset is not None and not recipe.dry_run:

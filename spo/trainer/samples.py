@@ -1,18 +1,27 @@
-"""Training samples and their collation into padded tensors: ``[left-padded prompt | right-padded completion]``."""
+"""The typed seam between algorithms and the learner.
+
+An algorithm turns prompts into ``Sample``s (one per trained completion, token-level advantages as computed by the
+algorithm); ``train_batch`` turns them into the ``TrainBatch`` the learner consumes: final per-token advantages
+(whitened when asked) and the mask of the tokens that get gradient (the probability mask applied).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
 
+from ..advantages import whiten
+from ..loss import probability_mask
+
 
 @dataclass
 class Sample:
-    """One (query, response) pair to train on, with everything the loss needs.
+    """One (query, response) pair to train on.
 
-    ``behaviour_logprobs`` come from the sampler (possibly with a compressed KV cache); ``old_logprobs`` are the
-    learner's full-attention log-probs before the update; both under logits / temperature.
+    ``behaviour_logprobs`` come from the sampler (possibly a compressed KV cache or a bf16 copy); ``old_logprobs``
+    are set for replayed samples, whose behaviour policy is an earlier one; both under logits / temperature.
     """
 
     prompt_ids: list[int]
@@ -20,10 +29,9 @@ class Sample:
     behaviour_logprobs: torch.Tensor  # [T]
     advantages: torch.Tensor  # [T], token-level
     reward: float
-    step: int
-    group: int = 0  # which prompt of the step it answers
+    step: int  # the training step that generated it
+    dataset_row: int = 0  # the training data set row whose prompt it answers
     old_logprobs: torch.Tensor | None = None  # [T]
-    ref_logprobs: torch.Tensor | None = None  # [T]
     truncated: bool = False
 
     def to_state(self) -> dict:
@@ -33,6 +41,53 @@ class Sample:
     @classmethod
     def from_state(cls, state: dict) -> "Sample":
         return cls(**state)
+
+
+@dataclass
+class TrainBatch:
+    """What the learner trains on: samples with final advantages and loss masks, aligned row by row."""
+
+    samples: list[Sample]
+    advantages: list[torch.Tensor]  # [T_i] per sample, final (whitened when asked)
+    loss_masks: list[torch.Tensor]  # bool [T_i]: tokens that get gradient
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def is_idle(self, i: int) -> bool:
+        """Row ``i`` carries no policy gradient: its advantage is zero on every trained token."""
+        return not bool(((self.advantages[i] != 0) & self.loss_masks[i]).any())
+
+
+def loss_mask(sample: Sample, use_probability_mask: bool, threshold: float, mask_truncated: bool) -> torch.Tensor:
+    mask = torch.ones(len(sample.completion_ids), dtype=torch.bool)
+    if use_probability_mask:
+        mask = probability_mask(mask, sample.behaviour_logprobs.float().exp(), threshold)
+    if mask_truncated and sample.truncated:
+        mask = torch.zeros_like(mask)
+    return mask
+
+
+def train_batch(samples: list[Sample], args, sum_over_processes: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+                ) -> TrainBatch:
+    """Masks and final advantages for ``samples`` under the trainer settings ``args``. Whitening statistics are
+    taken over the trained tokens of every process (``sum_over_processes`` all-reduces a small tensor)."""
+    masks = [loss_mask(s, args.probability_mask, args.probability_threshold, args.mask_truncated_completions)
+             for s in samples]
+    advantages = [s.advantages.float() for s in samples]
+    if args.whiten_advantages:
+        advantages = whiten_rows(advantages, masks, sum_over_processes)
+    return TrainBatch(samples, advantages, masks)
+
+
+def whiten_rows(rows: list[torch.Tensor], masks: list[torch.Tensor],
+                sum_over_processes: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> list[torch.Tensor]:
+    """``spo.advantages.whiten`` over the masked tokens of all rows (of all processes), split back into rows."""
+    if not rows:
+        sum_over_processes(torch.zeros(3, dtype=torch.float64))  # every process takes part in the reduction
+        return rows
+    flat = whiten(torch.cat(rows), torch.cat(masks), sum_over_processes=sum_over_processes)
+    return list(flat.split([r.numel() for r in rows]))
 
 
 @dataclass
@@ -65,9 +120,9 @@ def collate(prompts: list[list[int]], completions: list[list[int]], pad_id: int)
     return Batch(input_ids, attention, position_ids, attention[:, width_p:].clone(), width_p)
 
 
-def pad_rows(rows: list[torch.Tensor], width: int, value: float = 0.0) -> torch.Tensor:
+def pad_rows(rows: list[torch.Tensor], width: int, value: float = 0.0, dtype=torch.float32) -> torch.Tensor:
     """Stack 1-D tensors right-padded to ``width``."""
-    out = torch.full((len(rows), width), value, dtype=torch.float32)
+    out = torch.full((len(rows), width), value, dtype=dtype)
     for i, row in enumerate(rows):
-        out[i, :row.numel()] = row.float()
+        out[i, :row.numel()] = row.to(dtype)
     return out

@@ -57,6 +57,8 @@ def state_key(rollout, cut: int) -> tuple:
 
 class SPOChainTrainer(RLTrainer):
     algorithm = "spo_chain"
+    algorithm_metrics = ("spo/mc_rollouts", "spo/mc_states", "spo/mc_tokens", "spo/mc_peak_kv_bytes",
+                         "spo/mc_prefill_tokens", "timing/monte_carlo", "spo/num_segments")
 
     def __init__(self, model, reward_funcs, args: SPOChainConfig | None = None, **kwargs):
         super().__init__(model, reward_funcs, args or SPOChainConfig(), **kwargs)
@@ -143,7 +145,7 @@ class SPOChainTrainer(RLTrainer):
             abs_advantages.append(advantages.abs().mean().item())
             samples.append(Sample(prompt_ids=rollout.prompt_ids, completion_ids=rollout.completion_ids,
                                   behaviour_logprobs=rollout.logprobs, advantages=advantages, reward=reward,
-                                  step=step, group=rollout.prompt_index,
+                                  step=step, dataset_row=rows[rollout.prompt_index],
                                   truncated=rollout.finish_reason == "length"))
         self._metric("spo/num_segments", sum(b.numel() for b in boundaries) / max(1, len(boundaries)))
         self._metric("spo/mean_abs_advantage", sum(abs_advantages) / max(1, len(abs_advantages)))

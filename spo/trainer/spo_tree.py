@@ -5,7 +5,6 @@ are trained per step."""
 
 from __future__ import annotations
 
-import math
 import random
 
 import torch
@@ -18,6 +17,8 @@ from .samples import Sample
 
 class SPOTreeTrainer(RLTrainer):
     algorithm = "spo_tree"
+    algorithm_metrics = ("tree/leaves", "tree/edges", "tree/edges_kept", "tree/edges_replayed", "tree/rollouts",
+                         "tree/root_value")
 
     def __init__(self, model, reward_funcs, args: SPOTreeConfig | None = None, **kwargs):
         super().__init__(model, reward_funcs, args or SPOTreeConfig(), **kwargs)
@@ -33,7 +34,7 @@ class SPOTreeTrainer(RLTrainer):
                                          [leaf.path_text() for leaf in all_leaves],
                                          [leaf.path_tokens() for leaf in all_leaves])
         for leaf, reward in zip(all_leaves, rewards.tolist()):
-            leaf.reward = 0.0 if math.isnan(reward) else reward
+            leaf.reward = reward  # NaN: unscored, left out of every value (see spo.tree.hierarchical_values)
         rng = random.Random(args.seed * 7919 + step)
         fresh, kept_total, edge_total = [], 0, 0
         for root in roots:
@@ -56,7 +57,7 @@ class SPOTreeTrainer(RLTrainer):
         return Sample(prompt_ids=self.prompt_ids[rows[child.prompt_index]] + parent_tokens,
                       completion_ids=child.tokens, behaviour_logprobs=child.logprobs,
                       advantages=torch.full((len(child.tokens),), float(advantage)), reward=float(child.value),
-                      step=step, group=rows[child.prompt_index],
+                      step=step, dataset_row=rows[child.prompt_index],
                       truncated=not child.finished and child.depth == len(self.args.branching))
 
     def _draw_replay(self, step: int, limit: int) -> list[Sample]:
@@ -66,8 +67,8 @@ class SPOTreeTrainer(RLTrainer):
         drawn, per_question, left = [], {}, []
         for sample in self.replay:
             if sample.step < step and len(drawn) < limit and \
-                    per_question.get(sample.group, 0) < self.args.edges_per_question:
-                per_question[sample.group] = per_question.get(sample.group, 0) + 1
+                    per_question.get(sample.dataset_row, 0) < self.args.edges_per_question:
+                per_question[sample.dataset_row] = per_question.get(sample.dataset_row, 0) + 1
                 sample.old_logprobs = sample.behaviour_logprobs
                 drawn.append(sample)
             else:
@@ -81,12 +82,13 @@ class SPOTreeTrainer(RLTrainer):
         self._metric("tree/edges_kept", float(kept))
         self._metric("tree/edges_replayed", float(replayed))
         self._metric("tree/rollouts", float(stats["rollouts"]))
-        self._metric("tree/root_value", sum(r.value for r in roots) / max(1, len(roots)))
+        values = [r.value for r in roots if r.value is not None]
+        self._metric("tree/root_value", sum(values) / len(values) if values else float("nan"))
 
-    def extra_state(self) -> dict:
+    def algorithm_state(self) -> dict:
         return {"tree_replay": [s.to_state() for s in self.replay]}
 
-    def load_extra_state(self, state: dict) -> None:
+    def load_algorithm_state(self, state: dict) -> None:
         self.replay = [Sample.from_state(s) for s in state.get("tree_replay", [])]
 
 

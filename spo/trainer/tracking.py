@@ -9,6 +9,8 @@ import math
 import os
 from pathlib import Path
 
+import torch
+
 logger = logging.getLogger(__name__)
 
 CURVE_KEYS = ("reward", "eval/accuracy")
@@ -19,6 +21,19 @@ def wandb_mode() -> str:
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+def reduce_metrics(metrics: dict[str, float], keys: tuple[str, ...], sum_over_processes) -> dict[str, float]:
+    """Mean of each metric over the processes that report it. Every process reduces the same declared ``keys``
+    in the same order (a metric one process lacks, or reports as NaN, is left out of that key's mean), so the
+    all-reduce lines up whatever each process measured; a key no process reports is dropped."""
+    undeclared = sorted(set(metrics) - set(keys))
+    if undeclared:
+        raise KeyError(f"metrics {undeclared} are not declared: add them to the trainer's metric keys")
+    values = torch.tensor([metrics.get(key, math.nan) for key in keys], dtype=torch.float64)
+    present = ~torch.isnan(values)
+    sums, counts = sum_over_processes(torch.stack([values.nan_to_num(0.0), present.double()])).tolist()
+    return {key: total / count for key, total, count in zip(keys, sums, counts) if count > 0}
 
 
 class MetricsLog:

@@ -1,0 +1,338 @@
+"""The Learner: everything after the algorithm has produced a ``TrainBatch``.
+
+It owns the optimizer and scheduler, micro-batching, log-probs, the loss and its normalisers, gradient
+accumulation, precision, the distributed strategy (one process, DDP, FSDP2 or DeepSpeed ZeRO through accelerate)
+and the model's and optimizer's checkpoint state.
+
+Every process runs the same number of forward and backward passes per update, whatever its share of samples:
+micro-batches are padded with zero-weight ones, since DDP, FSDP and ZeRO synchronise inside those passes and a
+process that ran one pass fewer would leave the others waiting forever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from accelerate.utils import DistributedType
+
+from ..loss import policy_loss
+from .logprobs import completion_logprobs
+from .samples import Batch, TrainBatch, collate, pad_rows
+
+logger = logging.getLogger(__name__)
+
+LEARNER_METRICS = ("loss", "kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "grad_norm",
+                   "is/logprob_gap", "is/weight_mean", "spo/masked_token_fraction", "train/idle_rows_skipped",
+                   "train/padding_micro_batches")
+
+
+@dataclass
+class MicroBatch:
+    batch: Batch
+    behaviour: torch.Tensor  # [B, T]
+    advantages: torch.Tensor  # [B, T]
+    mask: torch.Tensor  # bool [B, T]: trained tokens
+    old: torch.Tensor | None  # [B, T] learner log-probs before the update (None: the current ones, detached)
+    ref: torch.Tensor | None  # [B, T] reference log-probs (KL)
+    tokens: int  # trained tokens, counted before idle rows were dropped (loss denominators)
+    rows: int  # real rows, likewise (0 for a padding micro-batch)
+
+
+class Learner:
+    def __init__(self, accelerator, model, args, pad_token_id: int, uses_adapters: bool):
+        self.accelerator, self.args, self.pad_token_id = accelerator, args, pad_token_id
+        self.uses_adapters = uses_adapters
+        self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        self.fsdp = accelerator.distributed_type == DistributedType.FSDP
+        if self.fsdp and not accelerator.is_fsdp2:
+            raise ValueError("FSDP1 is not supported: set fsdp_version: 2 in the accelerate config")
+        self.reference = None
+        if args.beta > 0 and not uses_adapters:
+            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError("the model has no trainable parameters")
+        self._keep_float32_master_weights(trainable)
+        optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay,
+                                      betas=(args.adam_beta1, args.adam_beta2))
+        from transformers import get_scheduler
+
+        self.scheduler = get_scheduler(args.lr_scheduler_type, optimizer,
+                                       num_warmup_steps=math.ceil(args.warmup_ratio * args.max_steps),
+                                       num_training_steps=args.max_steps)
+        if self.deepspeed:
+            self._fill_deepspeed_config()
+        # the scheduler counts RL steps and is not prepared: accelerate's wrapper would step it once per process
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.trainable_names = [n for n, p in self.unwrapped.named_parameters() if p.requires_grad]
+
+    @property
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    def release_wrapper(self) -> None:
+        """Replace the distributed wrapper by the plain model, on every process at once (see ``RLTrainer.close``)."""
+        import gc
+
+        self.model = self.unwrapped
+        self.accelerator._models.clear()
+        gc.collect()
+
+    # --- set-up ----------------------------------------------------------------------------------------------------
+
+    def _keep_float32_master_weights(self, trainable) -> None:
+        """AdamW on bf16/fp16 weights rounds most small updates away: trained weights stay float32 and the
+        compute runs under autocast (``bf16``). DeepSpeed keeps its own float32 master copy."""
+        half = [p for p in trainable if p.dtype in (torch.bfloat16, torch.float16)]
+        if not half or self.deepspeed:
+            return
+        logger.info("training %d %s parameters as float32 master weights (compute precision: %s)", len(half),
+                    half[0].dtype, self.accelerator.mixed_precision)
+        for p in half:
+            p.data = p.data.float()
+
+    def _fill_deepspeed_config(self) -> None:
+        """``prepare(model, optimizer)`` has no data loader to fill DeepSpeed's "auto" values from."""
+        config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+        args = self.args
+        values = {"train_micro_batch_size_per_gpu": args.per_device_train_batch_size,
+                  "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                  "gradient_clipping": args.max_grad_norm or 0.0}
+        for key, value in values.items():
+            if config.get(key, "auto") == "auto":
+                config[key] = value
+        config["train_batch_size"] = (config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"]
+                                      * self.accelerator.num_processes)
+
+    # --- collectives -----------------------------------------------------------------------------------------------
+
+    def _sum(self, values: torch.Tensor) -> torch.Tensor:
+        if self.accelerator.num_processes == 1:
+            return values
+        return self.accelerator.reduce(values.to(self.accelerator.device), reduction="sum").cpu()
+
+    def _max(self, value: int) -> int:
+        if self.accelerator.num_processes == 1:
+            return value
+        tensor = torch.tensor([value], device=self.accelerator.device)
+        return int(self.accelerator.gather(tensor).max())
+
+    # --- log-probs -------------------------------------------------------------------------------------------------
+
+    def logprobs(self, batch: Batch, with_entropy: bool = False):
+        """Completion log-probs under the trained model (the prepared one, so DDP/FSDP hooks run)."""
+        return completion_logprobs(self.model, batch, self.args.temperature, with_entropy=with_entropy)
+
+    @torch.no_grad()
+    def reference_logprobs(self, batch: Batch) -> torch.Tensor:
+        with self.accelerator.autocast():
+            if self.reference is not None:
+                return completion_logprobs(self.reference, batch, self.args.temperature)
+            with self.unwrapped.disable_adapter():
+                return self.logprobs(batch)
+
+    # --- the update ------------------------------------------------------------------------------------------------
+
+    def _micro_batch(self, train: TrainBatch, rows: list[int], need_old: bool) -> MicroBatch:
+        device = self.accelerator.device
+        if rows:
+            samples = [train.samples[i] for i in rows]
+            batch = collate([s.prompt_ids for s in samples], [s.completion_ids for s in samples], self.pad_token_id)
+            width = batch.completion_mask.shape[1]
+            behaviour = pad_rows([s.behaviour_logprobs for s in samples], width)
+            advantages = pad_rows([train.advantages[i] for i in rows], width)
+            mask = pad_rows([train.loss_masks[i] for i in rows], width, dtype=torch.bool)
+        else:  # padding: one pad-token row that trains nothing
+            samples = []
+            batch = collate([[self.pad_token_id]], [[self.pad_token_id]], self.pad_token_id)
+            behaviour, advantages = torch.zeros(1, 1), torch.zeros(1, 1)
+            mask = torch.zeros(1, 1, dtype=torch.bool)
+        batch = batch.to(device)
+        old = None
+        if need_old:
+            with torch.no_grad(), self.accelerator.autocast():  # the same precision as the learner's pass
+                current = self.logprobs(batch).cpu()
+            old = torch.stack([pad_rows([s.old_logprobs], current.shape[1])[0] if s.old_logprobs is not None
+                               else current[i] for i, s in enumerate(samples)]) if samples else current
+        ref = self.reference_logprobs(batch).cpu() if self.args.beta > 0 else None
+        return MicroBatch(batch, behaviour, advantages, mask, old, ref, tokens=int(mask.sum()), rows=len(samples))
+
+    def _micro_batches(self, train: TrainBatch) -> list[MicroBatch]:
+        """The local micro-batches, padded to the same count on every process (and, under DeepSpeed, to whole
+        accumulation steps, since its engine steps the optimizer every ``gradient_accumulation_steps`` passes)."""
+        size = self.args.per_device_train_batch_size
+        groups = [list(range(i, min(i + size, len(train)))) for i in range(0, len(train), size)]
+        count = self._max(len(groups))
+        if self.deepspeed:
+            count = math.ceil(count / self.args.gradient_accumulation_steps) * self.args.gradient_accumulation_steps
+        self._padding = count - len(groups)
+        groups += [[] for _ in range(self._padding)]
+        # old log-probs are computed on every process or on none: under FSDP the passes are collectives too
+        replayed = any(s.old_logprobs is not None for s in train.samples)
+        need_old = self.args.num_iterations > 1 or bool(self._max(int(replayed)))
+        return [self._micro_batch(train, rows, need_old) for rows in groups]
+
+    def _normalisers(self, chunks: list[list[MicroBatch]]) -> list[float]:
+        """Each optimizer step's loss denominator, fixed for all its micro-batches, so that accumulation and data
+        parallelism give the gradient of one big batch. DDP, FSDP and ZeRO average gradients over processes, so a
+        global count is divided by the number of processes."""
+        args = self.args
+        if args.loss_type == "dapo":
+            tokens = self._sum(torch.tensor([float(sum(m.tokens for m in c)) for c in chunks], dtype=torch.float64))
+            return [max(1.0, t) / self.accelerator.num_processes for t in tokens.tolist()]
+        if args.loss_type == "bnpo":
+            return [float(max(1, sum(m.tokens for m in c))) for c in chunks]
+        rows = [max(1, sum(m.rows for m in c)) for c in chunks]
+        return [float(r * args.max_completion_length) if args.loss_type == "dr_grpo" else float(r) for r in rows]
+
+    def update(self, train: TrainBatch, step: int) -> dict[str, float]:
+        """``num_iterations`` passes of clipped policy-gradient steps over ``train``; returns this process's
+        metrics (means over micro-batches, and ``kl`` over trained tokens)."""
+        args, device = self.args, self.accelerator.device
+        prepared = self._micro_batches(train)
+        real_tokens = sum(int(m.batch.completion_mask.sum()) for m in prepared if m.rows)
+        metrics = {"spo/masked_token_fraction": sum(m.tokens for m in prepared) / max(1, real_tokens),
+                   "train/padding_micro_batches": float(self._padding)}
+        if args.beta == 0:
+            before = sum(m.batch.input_ids.shape[0] for m in prepared if m.rows)
+            prepared = [_without_idle_rows(m) for m in prepared]
+            metrics["train/idle_rows_skipped"] = float(before - sum(m.batch.input_ids.shape[0] for m in prepared
+                                                                    if m.rows))
+        self.unwrapped.train()
+        accumulate = args.gradient_accumulation_steps
+        # accelerate divides each backward's loss by its own accumulation count (DeepSpeed's engine does the same);
+        # our normalisers already cover the whole optimizer step
+        rescale = float(self.accelerator.gradient_accumulation_steps)
+        stats = {key: [] for key in ("loss", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean",
+                                     "is/logprob_gap", "is/weight_mean", "grad_norm")}
+        kl_sum = kl_tokens = 0.0
+        generator = torch.Generator().manual_seed(args.seed + step)
+        for _ in range(args.num_iterations):
+            order = torch.randperm(len(prepared), generator=generator).tolist()
+            chunks = [[prepared[i] for i in order[s:s + accumulate]] for s in range(0, len(order), accumulate)]
+            for chunk, normaliser in zip(chunks, self._normalisers(chunks)):
+                step_loss = 0.0
+                for k, micro in enumerate(chunk):
+                    sync = k == len(chunk) - 1
+                    context = self.accelerator.no_sync(self.model) if not sync else contextlib.nullcontext()
+                    with context:
+                        out, entropy, old, weights = self._loss(micro, normaliser)
+                        self.accelerator.backward(out.loss * rescale)
+                    step_loss += out.loss.item()
+                    kl_sum, kl_tokens = kl_sum + out.kl_sum.item(), kl_tokens + out.tokens.item()
+                    if micro.rows:
+                        real = micro.batch.completion_mask.bool()
+                        count = max(1.0, out.tokens.item())
+                        stats["entropy"].append(entropy[real].mean().item())
+                        stats["clip_ratio/low_mean"].append(out.clipped_low.item() / count)
+                        stats["clip_ratio/high_mean"].append(out.clipped_high.item() / count)
+                        stats["is/logprob_gap"].append((old - micro.behaviour.to(device))[real].abs().mean().item())
+                        if weights is not None:
+                            stats["is/weight_mean"].append(weights[real].mean().item())
+                stats["loss"].append(step_loss)
+                norm = self._clip_gradients()
+                if norm is not None:
+                    stats["grad_norm"].append(norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        self.unwrapped.eval()
+        metrics.update({key: sum(v) / len(v) for key, v in stats.items() if v})
+        if args.beta > 0:
+            metrics["kl"] = kl_sum / max(1.0, kl_tokens)
+        return metrics
+
+    def _loss(self, micro: MicroBatch, normaliser: float):
+        args, device = self.args, self.accelerator.device
+        logp, entropy = self.logprobs(micro.batch, with_entropy=True)
+        old = micro.old.to(device) if micro.old is not None else logp.detach()
+        weights = None
+        if args.importance_sampling_cap is not None:
+            weights = torch.exp(old - micro.behaviour.to(device)).clamp(max=args.importance_sampling_cap)
+        out = policy_loss(logp, old, micro.advantages.to(device), micro.mask.to(device), normaliser=normaliser,
+                          loss_type=args.loss_type, epsilon_low=args.epsilon, epsilon_high=args.epsilon_upper,
+                          ref_logp=micro.ref.to(device) if micro.ref is not None else None, beta=args.beta,
+                          importance_weights=weights)
+        if not micro.rows:
+            out.loss = out.loss * 0.0  # keeps the graph (and so every collective) without training anything
+        return out, entropy, old, weights
+
+    def _clip_gradients(self) -> float | None:
+        """Clip to ``max_grad_norm`` and return the norm before clipping (DeepSpeed clips inside its engine, per
+        its ``gradient_clipping``, and reports the norm after its step)."""
+        if not self.args.max_grad_norm and not self.deepspeed:
+            return None
+        norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm or float("inf"))
+        if norm is None:
+            return None
+        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+            norm = norm.full_tensor()
+        return float(norm)
+
+    # --- checkpoint state ------------------------------------------------------------------------------------------
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Full (unsharded) trainable parameters by name on the main process (empty elsewhere under FSDP). Every
+        process must call it: under FSDP and ZeRO-3 it gathers the shards."""
+        if self.fsdp or self.deepspeed:
+            full = self.accelerator.get_state_dict(self.model, unwrap=True) or {}
+            return {n: full[n].detach().contiguous().cpu() for n in self.trainable_names if n in full}
+        parameters = dict(self.unwrapped.named_parameters())
+        return {n: parameters[n].detach().contiguous().cpu() for n in self.trainable_names}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor], source) -> None:
+        expected = set(self.trainable_names)
+        if set(state) != expected:
+            missing, unexpected = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
+            raise ValueError(f"checkpoint {source} does not match the model: missing {missing}, unexpected "
+                             f"{unexpected}")
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(self.unwrapped, state, options=StateDictOptions(full_state_dict=True, strict=False))
+            return
+        parameters = dict(self.unwrapped.named_parameters())
+        with torch.no_grad():
+            for name, value in state.items():
+                parameters[name].copy_(value)
+
+    def optimizer_state(self) -> dict:
+        """The optimizer's state, whole (every process must call it; under FSDP it gathers the shards)."""
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            return get_optimizer_state_dict(self.unwrapped, self.optimizer.optimizer,
+                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state(self, state: dict) -> None:
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.unwrapped, self.optimizer.optimizer, optim_state_dict=state,
+                                     options=StateDictOptions(full_state_dict=True))
+            return
+        self.optimizer.load_state_dict(state)
+
+
+def _without_idle_rows(micro: MicroBatch) -> MicroBatch:
+    """Drop the rows of a micro-batch whose loss has no gradient: without a KL term, a completion whose advantages
+    are zero on every trained token contributes exactly nothing (uniform-reward groups under GRPO, equal Monte
+    Carlo values under Segment Policy Optimization). One row always stays, so every process runs the same passes.
+    The loss denominators keep counting the dropped rows."""
+    active = ((micro.advantages != 0) & micro.mask).any(dim=1)
+    if bool(active.all()) or not micro.rows:
+        return micro
+    if not bool(active.any()):
+        active[0] = True
+    keep = active.nonzero().squeeze(1)
+    pick = lambda t: t.index_select(0, keep.to(t.device)) if t is not None else None  # noqa: E731
+    b = micro.batch
+    batch = Batch(pick(b.input_ids), pick(b.attention_mask), pick(b.position_ids), pick(b.completion_mask),
+                  b.prompt_width)
+    return MicroBatch(batch, pick(micro.behaviour), pick(micro.advantages), pick(micro.mask), pick(micro.old),
+                      pick(micro.ref), micro.tokens, micro.rows)

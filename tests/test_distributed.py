@@ -1,0 +1,126 @@
+"""Training on 2 CPU processes (gloo) through `accelerate launch`, as a user with several GPUs would run it: DDP
+runs that cannot hang when processes get different amounts of work, identical weights on every process, kill and
+resume, evaluation after training, and FSDP2."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_lora_shards_ddp import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+ACCELERATE_CONFIGS = ROOT / "recipes" / "accelerate"
+SCRIPT = ROOT / "tests" / "scripts" / "ddp_train.py"
+
+
+def launch(config: str, target: list[str], **popen):
+    """``accelerate launch --config_file recipes/accelerate/<config>`` with this interpreter, on a free port."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT),
+           "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIGS / config),
+               "--main_process_port", str(free_port()), *target]
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **popen)
+
+
+def finish(process, timeout=600) -> str:
+    try:
+        output = process.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output = process.communicate()[0]
+        pytest.fail(f"the 2-process run hung (killed after {timeout} s):\n{output[-4000:]}")
+    assert process.returncode == 0, output[-6000:]
+    return output
+
+
+def assert_identical_and_trained(out: Path) -> None:
+    ranks = [load_file(str(out / f"rank{r}.safetensors")) for r in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys() and ranks[0]
+    for name in ranks[0]:
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+    initial = load_file(str(out / "initial.safetensors"))
+    assert any(not torch.equal(initial[n], ranks[0][n]) for n in initial)  # training changed them
+
+
+def test_ddp_spo_chain_with_mos_keeps_identical_adapters(tmp_path, tiny_model_dir):
+    finish(launch("cpu_2proc.yaml", [str(SCRIPT), str(tiny_model_dir), str(tmp_path), "spo_chain", "mos"]))
+    assert_identical_and_trained(tmp_path)
+
+
+def test_ddp_spo_tree_with_a_reward_skipping_on_one_rank_cannot_hang(tmp_path, tiny_model_dir):
+    """Rank 1's reward declines most samples, so rank 1 trains on fewer tree edges: it runs zero-weight micro-batches
+    to match rank 0's passes (before, the ranks disagreed on the number of backward passes and hung)."""
+    finish(launch("cpu_2proc.yaml", [str(SCRIPT), str(tiny_model_dir), str(tmp_path), "spo_tree", "lora",
+                                      "--skip-on-rank-1"]))
+    assert_identical_and_trained(tmp_path)
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert any(row.get("train/padding_micro_batches", 0) > 0 for row in history), history
+
+
+TINY_RECIPE = """
+algorithm: spo_chain
+model: {model}
+dataset: {{source: "builtin:arithmetic", split: train, limit: 32}}
+eval_dataset: {{source: "builtin:arithmetic", split: test, limit: 6}}
+reward_funcs: [format]
+peft: {{type: mos, r: 4, equivalent_rank: 3, target_modules: [q_proj, v_proj]}}
+evaluate_before: true
+evaluate_after: true
+train:
+  output_dir: {out}
+  max_steps: 4
+  prompts_per_step: 2
+  num_generations: 2
+  mc_samples: 2
+  max_completion_length: 10
+  eval_max_new_tokens: 6
+  temperature: 1.0
+  top_p: 1.0
+  learning_rate: 1.0e-3
+  per_device_train_batch_size: 2
+  use_sample_buffer: true
+  save_steps: 2
+  report_to: [none]
+"""
+
+
+def _metrics(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith(("timing/", "perf/"))} for r in rows]
+
+
+def test_ddp_cli_run_killed_and_resumed_matches_and_evaluates_after(tmp_path, tiny_model_dir):
+    """`accelerate launch ... -m spo.cli train` on 2 processes runs to the end with both evaluations (rc 0), and a
+    run killed after its step-2 checkpoint resumes to exactly the same metrics (per-rank buffer state included)."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    for out in (straight, killed):
+        (tmp_path / f"{out.name}.yaml").write_text(TINY_RECIPE.format(model=tiny_model_dir, out=out))
+    cli = ["-m", "spo.cli", "train"]
+    output = finish(launch("cpu_2proc.yaml", [*cli, str(tmp_path / "straight.yaml")]))
+    summary = json.loads((straight / "summary.json").read_text())
+    assert summary["steps"] == 4 and "eval_after" in summary and "eval_before" in summary, output[-3000:]
+    assert "held-out accuracy after training" in output
+
+    process = launch("cpu_2proc.yaml", [*cli, str(tmp_path / "killed.yaml")])
+    deadline = time.time() + 600
+    while not (killed / "checkpoint-2" / "COMPLETE").is_file():
+        assert process.poll() is None and time.time() < deadline, process.stdout.read()[-3000:]
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.communicate()
+    assert not (killed / "adapter").exists()  # it really died before the end
+    assert {p.name for p in (killed / "checkpoint-2").glob("rank_state_*.pt")} == {"rank_state_0.pt",
+                                                                                    "rank_state_1.pt"}
+    output = finish(launch("cpu_2proc.yaml", [*cli, str(tmp_path / "killed.yaml"), "--resume"]))
+    assert "resumed from" in output
+    assert _metrics(killed) == _metrics(straight)
+    assert json.loads((killed / "summary.json").read_text())["eval_after"] == summary["eval_after"]

@@ -1,0 +1,125 @@
+"""The Learner on one process: micro-batching and accumulation must not change the loss, the KL or the gradient,
+idle rows are skipped without changing the update, and a zero-weight padding micro-batch trains nothing."""
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from spo.models import tiny_model
+from spo.trainer import GRPOConfig
+from spo.trainer.learner import Learner
+from spo.trainer.samples import Sample, train_batch
+
+from helpers import tiny_run
+
+
+def make_samples(count=12, idle_every=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    samples = []
+    for i in range(count):
+        length = 3 + i % 5
+        advantage = float(torch.randn((), generator=gen))
+        if idle_every and i % idle_every:
+            advantage = 0.0
+        samples.append(Sample(prompt_ids=torch.randint(3, 500, (4 + i % 3,), generator=gen).tolist(),
+                              completion_ids=torch.randint(3, 500, (length,), generator=gen).tolist(),
+                              behaviour_logprobs=-torch.rand(length, generator=gen) * 3,
+                              advantages=torch.full((length,), advantage), reward=0.0, step=0, dataset_row=i))
+    return samples
+
+
+def learner_for(tmp_path, **overrides):
+    args = GRPOConfig(**tiny_run(tmp_path, **{"warmup_ratio": 0.0, "lr_scheduler_type": "constant", **overrides}))
+    model = tiny_model(seed=0)
+    learner = Learner(Accelerator(cpu=True), model, args, pad_token_id=0, uses_adapters=False)
+    if learner.reference is not None:  # move the policy away from its reference so the KL is not zero
+        with torch.no_grad():
+            for p in learner.unwrapped.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.02)
+    return learner, args
+
+
+def update_capturing_gradients(learner, args, samples):
+    """One update; the gradient each optimizer step applies (before clipping) is captured instead of stepping."""
+    gradients = []
+
+    def capture():
+        gradients.append({n: p.grad.detach().clone() for n, p in learner.unwrapped.named_parameters()
+                          if p.grad is not None})
+
+    learner.optimizer.step = capture
+    metrics = learner.update(train_batch(samples, args), step=0)
+    return metrics, gradients
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "bnpo", "grpo", "dr_grpo"])
+def test_micro_batches_and_accumulation_equal_one_big_batch(tmp_path, loss_type):
+    samples = make_samples()
+    common = dict(loss_type=loss_type, beta=0.2, max_grad_norm=None, importance_sampling_cap=None)
+    big, big_args = learner_for(tmp_path / "big", per_device_train_batch_size=12, **common)
+    small, small_args = learner_for(tmp_path / "small", per_device_train_batch_size=3, gradient_accumulation_steps=4,
+                                    **common)
+    big_metrics, big_grads = update_capturing_gradients(big, big_args, samples)
+    small_metrics, small_grads = update_capturing_gradients(small, small_args, samples)
+    assert len(big_grads) == len(small_grads) == 1  # one optimizer step each
+    assert big_metrics["kl"] > 1e-4
+    for key in ("loss", "kl"):
+        assert small_metrics[key] == pytest.approx(big_metrics[key], rel=1e-5), key
+    for name, grad in big_grads[0].items():
+        torch.testing.assert_close(small_grads[0][name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_kl_share_of_the_loss_does_not_grow_with_accumulation(tmp_path):
+    """Two equal micro-batches used to add the KL of each: twice the one-batch value."""
+    samples = make_samples(count=8)
+    zero_advantage = [Sample(**{**s.to_state(), "advantages": torch.zeros(len(s.completion_ids))}) for s in samples]
+    losses = []
+    for size, accumulate in ((8, 1), (4, 2)):
+        learner, args = learner_for(tmp_path / f"{size}", per_device_train_batch_size=size,
+                                    gradient_accumulation_steps=accumulate, beta=0.5, max_grad_norm=None)
+        metrics, _ = update_capturing_gradients(learner, args, zero_advantage)
+        losses.append(metrics["loss"])
+        assert metrics["loss"] == pytest.approx(0.5 * metrics["kl"], rel=1e-5)  # the loss is beta * token-mean KL
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+def test_idle_rows_are_skipped_without_changing_the_update(tmp_path, loss_type, monkeypatch):
+    """Completions whose advantages are all zero carry no gradient (beta = 0): the update skips their forward and
+    backward passes but still counts them in the loss denominator, so the gradient is exactly as before."""
+    import spo.trainer.learner as learner_module
+
+    samples = make_samples(idle_every=3)
+    results = {}
+    for prune in (True, False):
+        learner, args = learner_for(tmp_path / f"{prune}", loss_type=loss_type, per_device_train_batch_size=3,
+                                    gradient_accumulation_steps=2, importance_sampling_cap=None)
+        with monkeypatch.context() as patch:
+            if not prune:
+                patch.setattr(learner_module, "_without_idle_rows", lambda micro: micro)
+            results[prune] = update_capturing_gradients(learner, args, samples)
+    (pruned, pruned_grads), (full, full_grads) = results[True], results[False]
+    assert pruned["train/idle_rows_skipped"] >= 6 and full["train/idle_rows_skipped"] == 0
+    assert pruned["loss"] == pytest.approx(full["loss"], rel=1e-5)
+    assert len(pruned_grads) == len(full_grads) == 2
+    for step_pruned, step_full in zip(pruned_grads, full_grads):
+        for name, grad in step_full.items():
+            torch.testing.assert_close(step_pruned[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_padding_micro_batches_train_nothing(tmp_path):
+    """A process with fewer samples runs zero-weight micro-batches so that every process runs as many passes: the
+    padded update equals the unpadded one."""
+    samples = make_samples(count=4)
+    learner, args = learner_for(tmp_path / "plain", per_device_train_batch_size=2, gradient_accumulation_steps=8,
+                                max_grad_norm=None)
+    plain_metrics, plain = update_capturing_gradients(learner, args, samples)
+    padded, padded_args = learner_for(tmp_path / "padded", per_device_train_batch_size=2,
+                                      gradient_accumulation_steps=8, max_grad_norm=None)
+    padded._max = lambda value: value + 3  # as if another process had 3 more micro-batches
+    metrics, grads = update_capturing_gradients(padded, padded_args, samples)
+    assert metrics["train/padding_micro_batches"] == 3 and plain_metrics["train/padding_micro_batches"] == 0
+    assert metrics["loss"] == pytest.approx(plain_metrics["loss"], rel=1e-6)
+    assert len(grads) == len(plain) == 1
+    for name, grad in plain[0].items():
+        torch.testing.assert_close(grads[0][name], grad, rtol=1e-5, atol=1e-7, msg=name)
