@@ -1,7 +1,7 @@
 """Reward functions with TRL's signature ``f(prompts, completions, completion_ids=None, **columns)``."""
 
 from .accuracy import numeric_accuracy
-from .combine import RewardError, RewardScores, compute_rewards
+from .combine import RewardError, RewardScores, RewardTimeout, compute_rewards
 from .format import format_reward
 from .math_answer import MathChecker, math_accuracy
 from .registry import available_rewards, get_reward, register_reward, reward_name
@@ -11,7 +11,7 @@ gsm8k_accuracy = numeric_accuracy
 arithmetic_accuracy = numeric_accuracy
 
 __all__ = [
-    "MathChecker", "RewardError", "RewardScores", "arithmetic_accuracy", "available_rewards", "completion_text",
-    "compute_rewards", "extract_final_number", "format_reward", "get_reward", "gsm8k_accuracy", "math_accuracy",
-    "numeric_accuracy", "register_reward", "reward_name",
+    "MathChecker", "RewardError", "RewardScores", "RewardTimeout", "arithmetic_accuracy", "available_rewards",
+    "completion_text", "compute_rewards", "extract_final_number", "format_reward", "get_reward", "gsm8k_accuracy",
+    "math_accuracy", "numeric_accuracy", "register_reward", "reward_name",
 ]

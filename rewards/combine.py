@@ -5,16 +5,15 @@ total is the weighted sum of the values that apply; a sample no function applies
 trained on), with a warning as in TRL, and a batch no function applies to at all is an error. A function that
 raises, returns something other than a list of numbers, the wrong number of values, or NaN/inf is an error
 naming the function; with ``on_error="skip"`` the offending samples are skipped (their total is NaN) and counted
-instead.
+instead. A function that overruns its time limit raises ``RewardTimeout`` (or, skipping, loses its whole batch).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +26,10 @@ logger = logging.getLogger(__name__)
 
 class RewardError(RuntimeError):
     """A reward function misbehaved."""
+
+
+class RewardTimeout(RewardError):
+    """A reward function did not return within its time limit."""
 
 
 @dataclass
@@ -69,17 +72,26 @@ def _check_values(name: str, values, n: int) -> list[float | None]:
 
 def _with_time_limit(call, seconds: float | None, name: str):
     """Run ``call`` with a deadline. A Python thread cannot be killed, so a function that overruns keeps running in
-    the background, but training goes on without waiting for it."""
+    the background while training goes on. The thread is a daemon: a ThreadPoolExecutor's workers are joined at
+    interpreter exit, so a function that never returns would keep the process alive forever."""
     if seconds is None:
         return call()
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"reward-{name}")
-    future = pool.submit(call)
-    try:
-        return future.result(timeout=seconds)
-    except FutureTimeout:
-        raise RewardError(f"reward function {name!r} did not return within {seconds:g}s") from None
-    finally:
-        pool.shutdown(wait=False)
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = call()
+        except BaseException as error:  # handed to the caller's thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name=f"reward-{name}", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise RewardTimeout(f"reward function {name!r} did not return within {seconds:g}s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def _call(func: RewardFunc, name: str, prompts, completions, completion_ids, columns, rows,
@@ -133,7 +145,7 @@ def compute_rewards(
             if on_error == "raise":
                 raise
             values = []  # find the offending samples one by one (a time-out skips the whole batch instead)
-            timed_out = "did not return within" in str(error)
+            timed_out = isinstance(error, RewardTimeout)
             for i in range(n if not timed_out else 0):
                 try:
                     values.extend(_call(func, name, prompts, completions, completion_ids, columns, [i], timeout))

@@ -1,13 +1,21 @@
 import json
 import math
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from rewards import (MathChecker, RewardError, compute_rewards, extract_final_number, format_reward, get_reward,
-                     gsm8k_accuracy, math_accuracy, numeric_accuracy, register_reward)
+from rewards import (MathChecker, RewardError, RewardTimeout, compute_rewards, extract_final_number, format_reward,
+                     get_reward, gsm8k_accuracy, math_accuracy, numeric_accuracy, register_reward)
+from rewards import math_worker
 from rewards.text import completion_text, last_boxed
+from spo.tree import TreeNode, hierarchical_values, leaves
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _gsm8k(shared_data):
@@ -75,47 +83,169 @@ def test_math_reward_latex_equivalence():
 
 
 def test_math_checker_times_out_off_the_main_thread_and_recovers():
-    checker = MathChecker(timeout=1.0)
-    # a huge power tower: sympy grinds on it far longer than the deadline
+    checker = MathChecker(timeout=2.0, workers=1)
+    # a huge power tower: math-verify's own time limit (SIGALRM, only on a main thread) stops it after 5 s
     slow = "$\\boxed{" + "9^" * 40 + "9}$"
     results = {}
 
     def work():
-        start = time.perf_counter()
+        results["warm"] = checker.check("1", "$1$")
+        results["first_pid"] = checker.worker_pids
         results["slow"] = checker.check("1", slow)
-        results["seconds"] = time.perf_counter() - start
         results["after"] = checker.check("\\frac{1}{2}", "$\\boxed{0.5}$")
 
     thread = threading.Thread(target=work)
     thread.start()
-    thread.join(60)
-    checker.close()
-    assert not thread.is_alive()
-    assert results["slow"] is None and checker.stats["timeouts"] == 1
-    assert results["seconds"] < 30  # deadline (plus the worker's start-up), not the minutes sympy would take
-    assert results["after"] is True  # a fresh worker replaced the killed one
+    thread.join(120)  # hang detection only
+    try:
+        assert not thread.is_alive()
+        assert results["warm"] is True
+        assert results["slow"] is None and checker.stats["timeouts"] == 1
+        assert results["after"] is True  # a fresh worker replaced the killed one
+        assert len(checker.worker_pids) == 1 and checker.worker_pids != results["first_pid"]
+    finally:
+        checker.close()
 
 
-def test_a_math_checker_worker_that_crashes_is_replaced_and_the_answer_scored_zero(monkeypatch, caplog):
-    import os
-    import signal
-
+@pytest.fixture
+def faulty_checker(monkeypatch):
+    """Makes ``math_accuracy`` use a fresh checker whose workers honour the test answers HANG and CRASH."""
     import rewards.math_answer
 
-    checker = MathChecker(timeout=60.0)
-    monkeypatch.setattr(rewards.math_answer, "_default_checker", checker)
+    monkeypatch.setenv(math_worker.FAULTS_ENV, "1")
+    checkers = []
+
+    def make(**kwargs):
+        checker = MathChecker(**kwargs)
+        monkeypatch.setattr(rewards.math_answer, "_default_checker", checker)
+        checkers.append(checker)
+        return checker
+
+    yield make
+    for checker in checkers:
+        checker.close()
+
+
+def test_a_math_checker_worker_that_crashes_is_replaced_and_the_answer_scored_zero(faulty_checker, caplog):
+    checker = faulty_checker(timeout=60.0, workers=1)
     assert math_accuracy(completions=["$\\boxed{2}$"], answer=["2"]) == [1.0]  # the worker is up
-    crashed = checker.worker_pid
-    # the worker dies in the middle of an answer (here: killed while it grinds on a huge power tower)
-    threading.Timer(1.0, os.kill, (crashed, signal.SIGKILL)).start()
+    crashed = checker.worker_pids
     with caplog.at_level("WARNING"):
-        assert math_accuracy(completions=["$\\boxed{" + "9^" * 40 + "9}$"], answer=["1"]) == [0.0]
-    assert checker.stats["crashes"] == 1 and checker.stats["timeouts"] == 0
-    assert "the math checker worker was killed by SIGKILL on the answer '$\\\\boxed{9^9^" in caplog.text
+        assert math_accuracy(completions=["$\\boxed{2}$", math_worker.CRASH, "$\\boxed{3}$"],
+                             answer=["2", "2", "3"]) == [1.0, 0.0, 1.0]
+    assert checker.stats["crashes"] == 1 and checker.stats["timeouts"] == 0 and checker.stats["checked"] == 3
+    assert f"the math checker worker was killed by SIGKILL on the answer {math_worker.CRASH!r}" in caplog.text
     assert "scored 0 and the worker replaced" in caplog.text
-    assert math_accuracy(completions=["$\\boxed{0.5}$"], answer=["\\frac{1}{2}"]) == [1.0]  # a fresh worker
-    assert checker.worker_pid not in (None, crashed)
-    checker.close()
+    assert len(checker.worker_pids) == 1 and checker.worker_pids != crashed
+
+
+def _tree_6_6_6(final_answers):
+    """A 6-6-6 SPO tree of one prompt whose 216 leaves end with ``final_answers`` (depth-first order)."""
+    root, answers = TreeNode(prompt_index=0, depth=0), iter(final_answers)
+    for a in range(6):
+        first = TreeNode(prompt_index=0, depth=1, text=f"First, step {a}. ", parent=root)
+        root.children.append(first)
+        for b in range(6):
+            second = TreeNode(prompt_index=0, depth=2, text=f"Then step {b}. ", parent=first)
+            first.children.append(second)
+            for _ in range(6):
+                second.children.append(TreeNode(prompt_index=0, depth=3, text=next(answers), parent=second,
+                                                finished=True))
+    return root
+
+
+def test_a_hung_math_worker_costs_one_leaf_of_a_6_6_6_tree(faulty_checker, caplog):
+    checker = faulty_checker(timeout=5.0, workers=3)
+    math_accuracy(completions=["$1$"] * 3, answer=["1"] * 3)  # start the whole pool
+    before = set(checker.worker_pids)
+    forms = ["$\\boxed{\\frac{1}{2}}$", "$\\boxed{0.5}$", "$\\boxed{\\frac{2}{3}}$", "$\\boxed{2}$"]
+    finals = [forms[i % 4] for i in range(216)]
+    finals[100] = f"so the answer is {math_worker.HANG}"
+    expected = [1.0 if i % 4 < 2 and i != 100 else 0.0 for i in range(216)]
+    root = _tree_6_6_6(finals)
+    leafs = leaves(root)
+    assert len(leafs) == 216
+
+    with caplog.at_level("WARNING"):
+        # the outer time limit only detects a hang: the pool's own deadline must end the hung check
+        scores = compute_rewards([math_accuracy], prompts=["p"] * 216, completions=[l.path_text() for l in leafs],
+                                 columns={"answer": ["\\frac{1}{2}"] * 216}, timeout=300)
+    assert scores.total.tolist() == expected
+    assert checker.stats["timeouts"] == 1 and checker.stats["crashes"] == 0 and checker.stats["checked"] == 3 + 215
+    assert "math check timed out after 5.0s on the answer 'First, step 2. Then step 4. so the answer is" in caplog.text
+    after = set(checker.worker_pids)
+    assert len(after) == 3 and len(before & after) == 2  # exactly the hung worker was replaced
+    for leaf, reward in zip(leafs, scores.total.tolist()):
+        leaf.reward = reward
+    assert hierarchical_values(root) == pytest.approx(sum(expected) / 216)
+
+
+def test_a_call_abandoned_by_its_time_limit_blocks_no_later_math_check(faulty_checker):
+    checker = faulty_checker(timeout=600.0, workers=1)
+    with pytest.raises(RewardTimeout, match="'math_accuracy' did not return within 1s"):
+        compute_rewards([math_accuracy], prompts=["p"], completions=[math_worker.HANG], columns={"answer": ["1"]},
+                        timeout=1)
+    hung = checker.worker_pids  # still checking the abandoned answer, for up to 600 s
+    results = {}
+    later = threading.Thread(target=lambda: results.update(
+        scores=math_accuracy(completions=["$\\boxed{0.5}$", "$\\boxed{3}$"], answer=["\\frac12", "3"])))
+    later.start()
+    later.join(120)  # hang detection only: waiting on the abandoned call would take 600 s
+    assert not later.is_alive() and results["scores"] == [1.0, 1.0]
+    assert len(hung) == 1 and hung[0] in checker.worker_pids  # the later call used a worker of its own
+
+
+def test_math_checker_pool_size():
+    from rewards.math_answer import default_checker, default_pool_size, set_default_checker
+
+    assert default_pool_size() == min(4, os.cpu_count())
+    checker = MathChecker(workers=3)
+    previous = set_default_checker(checker)
+    try:
+        assert default_checker() is checker
+        assert math_accuracy(completions=[f"$\\boxed{{{i % 5}}}$" for i in range(10)],
+                             answer=[str(i) for i in range(10)]) == [float(i < 5) for i in range(10)]
+        assert checker.stats["checked"] == 10 and len(checker.worker_pids) == 3
+    finally:
+        assert set_default_checker(previous) is checker
+        checker.close()
+    assert checker.worker_pids == []
+    with pytest.raises(ValueError, match="at least one worker"):
+        MathChecker(workers=0)
+
+
+_HUNG_MATH_WORKER_AT_EXIT = """
+from rewards import RewardTimeout, compute_rewards, math_accuracy
+from rewards.math_answer import MathChecker, default_checker, set_default_checker
+from rewards.math_worker import HANG
+
+set_default_checker(MathChecker(timeout=600.0, workers=1))
+try:
+    compute_rewards([math_accuracy], prompts=["p"], completions=[HANG], columns={"answer": ["1"]}, timeout=2)
+except RewardTimeout:
+    print("pids:", *default_checker().worker_pids)
+"""
+
+
+def test_a_hung_math_worker_does_not_outlive_the_process():
+    env = {**os.environ, "PYTHONPATH": str(ROOT), math_worker.FAULTS_ENV: "1"}
+    done = subprocess.run([sys.executable, "-c", _HUNG_MATH_WORKER_AT_EXIT], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, env=env)
+    assert done.returncode == 0, done.stderr
+    pids = [int(p) for p in done.stdout.split("pids:")[1].split()]
+    assert len(pids) == 1
+
+    def running(pid):
+        try:
+            return not open(f"/proc/{pid}/stat").read().split(")")[1].split()[0] == "Z"
+        except FileNotFoundError:
+            return False
+
+    for _ in range(100):  # killed at exit; allow a moment to be reaped
+        if not running(pids[0]):
+            break
+        time.sleep(0.1)
+    assert not running(pids[0])
 
 
 def test_format_reward():
@@ -191,16 +321,58 @@ def test_misbehaving_samples_can_be_skipped_and_counted():
 
 
 def test_a_hanging_reward_hits_its_time_limit():
-    import threading
-
     release = threading.Event()
 
     def hangs(completions, **kw):
         release.wait(30)
         return [0.0] * len(completions)
 
-    start = time.perf_counter()
-    with pytest.raises(RewardError, match="'hangs' did not return within 0.5s"):
-        compute_rewards([hangs], prompts=["p"], completions=["a"], timeout=0.5)
-    assert time.perf_counter() - start < 5
-    release.set()
+    try:
+        with pytest.raises(RewardTimeout, match="'hangs' did not return within 0.5s"):
+            compute_rewards([hangs], prompts=["p"], completions=["a"], timeout=0.5)
+        # skipping: a time-out loses the whole batch (no sample-by-sample retry, each would time out again)
+        scores = compute_rewards([hangs], prompts=["p", "q"], completions=["a", "b"], timeout=0.5, on_error="skip")
+        assert scores.skipped == {"hangs": 2} and not scores.valid.any()
+    finally:
+        release.set()
+
+
+def test_errors_inside_a_time_limited_call_are_raised_and_skipped_as_without_one():
+    def fails_on_b(completions, **kw):
+        if "b" in completions:
+            raise RuntimeError("cannot score b")
+        return [1.0] * len(completions)
+
+    with pytest.raises(RewardError, match="'fails_on_b' raised RuntimeError: cannot score b") as raised:
+        compute_rewards([fails_on_b], prompts=["p", "q"], completions=["a", "b"], timeout=30)
+    assert not isinstance(raised.value, RewardTimeout)
+    scores = compute_rewards([fails_on_b], prompts=["p"] * 3, completions=["a", "b", "c"], timeout=30,
+                             on_error="skip")
+    assert scores.valid.tolist() == [True, False, True] and scores.skipped == {"fails_on_b": 1}
+
+
+_NEVER_RETURNS = """
+import threading, time
+from rewards import RewardTimeout, compute_rewards
+
+def never_returns(completions, **kw):
+    while True:
+        time.sleep(1)
+
+try:
+    compute_rewards([never_returns], prompts=["p"], completions=["a"], timeout=1)
+except RewardTimeout as error:
+    print("raised:", error)
+scores = compute_rewards([never_returns], prompts=["p"], completions=["a"], timeout=1, on_error="skip")
+print("skipped:", scores.skipped)
+print("reward threads:", [t.name for t in threading.enumerate() if t.name.startswith("reward-")])
+"""
+
+
+def test_a_reward_that_never_returns_does_not_keep_the_process_alive():
+    done = subprocess.run([sys.executable, "-c", _NEVER_RETURNS], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert "raised: reward function 'never_returns' did not return within 1s" in done.stdout
+    assert "skipped: {'never_returns': 1}" in done.stdout
+    assert "reward threads: ['reward-never_returns', 'reward-never_returns']" in done.stdout  # still running at exit
