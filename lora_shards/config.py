@@ -1,6 +1,6 @@
 """Configuration of Mixture-of-Shards (MoS) LoRA adapters.
 
-Notation used throughout the package (see ``docs/ALGORITHMS.md`` section 2):
+Notation used throughout the package (see ``docs/ALGORITHMS.md`` section 10):
 
 * ``R``  equivalent rank: the parameter budget, expressed as the rank of a plain LoRA with the same number
   of trainable parameters (``MoSConfig.equivalent_rank``);

@@ -1,4 +1,4 @@
-"""Selective sample buffer (ALGORITHMS.md section 4).
+"""Selective sample buffer (docs/ALGORITHMS.md section 8).
 
 When every sample of a group gets the same reward the group's advantages vanish. The buffer keeps samples with
 ``|A| > eps`` and, when a batch's share of samples with non-zero advantage falls under a target, re-injects cached

@@ -1,4 +1,4 @@
-"""Tree rollouts for SPO-tree and their hierarchical values (ALGORITHMS.md 1.5), independent of the trainer.
+"""Tree rollouts for SPO-tree and their hierarchical values (docs/ALGORITHMS.md section 3), independent of the trainer.
 
 A tree per prompt: level i grows ``branching[i]`` children from every open node of level i-1 by continuing the
 node's text; every level but the last stops after ``segment_length`` tokens, the last runs to the end. A child

@@ -45,16 +45,16 @@ def test_difficulty_out_of_range_is_rejected():
         arithmetic_problems("train", 3, difficulty=9)
 
 
-def test_gsm8k_from_local_file_extracts_answer(shared_data):
-    ds = load_problems(str(shared_data / "gsm8k" / "test.jsonl"), limit=5)
+def test_gsm8k_from_local_file_extracts_answer(sample_data):
+    ds = load_problems(str(sample_data / "gsm8k" / "test.jsonl"), limit=5)
     assert len(ds) == 5 and ds[0]["prompt"][-1]["role"] == "user"
-    raw = json.loads(open(shared_data / "gsm8k" / "test.jsonl").readline())
+    raw = json.loads(open(sample_data / "gsm8k" / "test.jsonl").readline())
     assert ds[0]["answer"] == raw["answer"].rsplit("####", 1)[1].strip()
     assert raw["question"] in ds[0]["prompt"][-1]["content"] and "####" in ds[0]["prompt"][-1]["content"]
 
 
-def test_folder_source_and_math_preset(shared_data):
-    ds = load_problems(str(shared_data / "math500"), split="test", limit=3)
+def test_folder_source_and_math_preset(sample_data):
+    ds = load_problems(str(sample_data / "math500"), split="test", limit=3)
     assert ds[0]["answer"] and "\\boxed" in ds[0]["prompt"][-1]["content"]
     assert "subject" in ds.column_names  # other columns are kept for reward functions
 

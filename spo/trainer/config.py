@@ -164,7 +164,7 @@ def check_fits_model(args: GRPOConfig, model_config) -> None:
 
 @dataclass
 class SPOChainConfig(GRPOConfig):
-    """SPO-chain: cutpoint segments valued by Monte Carlo continuations (ALGORITHMS.md 1.2-1.4)."""
+    """SPO-chain: cutpoint segments valued by Monte Carlo continuations (docs/ALGORITHMS.md section 2)."""
 
     mc_samples: int = 9  # K continuations per state
     cutpoint_interval: int = 5  # keep every k-th cutpoint ("int5")
@@ -173,7 +173,7 @@ class SPOChainConfig(GRPOConfig):
     max_mc_states_per_step: int | None = None  # cap on distinct states valued per step (per process)
     mc_share_prefixes: bool = True  # encode each state once and fork its cache K ways (False: re-encode K times)
     # the bare prompt is every rollout's first boundary, valued by the mean reward of its group's rollouts (a
-    # Monte Carlo value with K = num_generations that costs no extra sampling); False: ALGORITHMS.md 1.3 as
+    # Monte Carlo value with K = num_generations that costs no extra sampling); False: docs/ALGORITHMS.md 2.3 as
     # published, where tokens before the first cutpoint get advantage 0
     group_prompt_value: bool = False
     probability_mask: bool = True
@@ -191,7 +191,7 @@ class SPOChainConfig(GRPOConfig):
 
 @dataclass
 class SPOTreeConfig(GRPOConfig):
-    """SPO-tree: a tree of segments per prompt, values as the mean over children (ALGORITHMS.md 1.5)."""
+    """SPO-tree: a tree of segments per prompt, values as the mean over children (docs/ALGORITHMS.md section 3)."""
 
     branching: list[int] = field(default_factory=lambda: [6, 6, 6])  # children per node, level by level
     segment_length: int = 30  # token budget M of every level but the last

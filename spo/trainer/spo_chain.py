@@ -1,4 +1,4 @@
-"""SPO-chain: segment advantages from Monte Carlo values at cutpoints (ALGORITHMS.md 1.2-1.4).
+"""SPO-chain: segment advantages from Monte Carlo values at cutpoints (docs/ALGORITHMS.md section 2).
 
 For each rollout: cut it into segments before low-probability tokens (every k-th), value each boundary state by
 the mean reward of K continuations sampled from it (identical states are valued once, and each state's prefix is
