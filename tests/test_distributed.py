@@ -42,6 +42,18 @@ def finish(process, timeout=600) -> str:
     return output
 
 
+def kill_every_process_of(marker: str) -> None:
+    """SIGKILL every process whose command line mentions ``marker`` (the launcher, torchrun's agent and the
+    workers, which torchrun may start in sessions of their own)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    os.kill(int(entry.name), signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                pass
+
+
 def assert_identical_and_trained(out: Path) -> None:
     ranks = [load_file(str(out / f"rank{r}.safetensors")) for r in (0, 1)]
     assert ranks[0].keys() == ranks[1].keys() and ranks[0]
@@ -115,7 +127,7 @@ def test_ddp_cli_run_killed_and_resumed_matches_and_evaluates_after(tmp_path, ti
     while not (killed / "checkpoint-2" / "COMPLETE").is_file():
         assert process.poll() is None and time.time() < deadline, process.stdout.read()[-3000:]
         time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
+    kill_every_process_of(str(tmp_path / "killed.yaml"))
     process.communicate()
     assert not (killed / "adapter").exists()  # it really died before the end
     assert {p.name for p in (killed / "checkpoint-2").glob("rank_state_*.pt")} == {"rank_state_0.pt",
