@@ -40,9 +40,9 @@ logger = logging.getLogger(__name__)
 TRAINER_METRICS = ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "completions/max_length",
                    "completions/clipped_ratio", "kv/peak_kv_bytes", "kv/full_kv_bytes", "kv/peak_fraction",
                    "rewards/skipped", "tokens/step", "tokens/generated_total", "timing/rollout", "timing/update",
-                   "timing/step", "learning_rate", "spo/mean_abs_advantage", "ssb/effective_fraction_before",
-                   "ssb/size", "ssb/reinjected", "ssb/mean_age", "ssb/effective_fraction_after", "eval/accuracy",
-                   "eval/problems")
+                   "timing/step", "learning_rate", "perf/peak_memory_gib", "spo/mean_abs_advantage",
+                   "ssb/effective_fraction_before", "ssb/size", "ssb/reinjected", "ssb/mean_age",
+                   "ssb/effective_fraction_after", "eval/accuracy", "eval/problems")
 
 
 def use_cpu() -> bool:
@@ -287,6 +287,9 @@ class RLTrainer(CheckpointingMixin):
             self._metric("timing/update", time.perf_counter() - update_started)
             self._metric("timing/step", time.perf_counter() - started)
             self._metric("learning_rate", self.learner.scheduler.get_last_lr()[0])
+            if self.accelerator.device.type == "cuda":
+                self._metric("perf/peak_memory_gib", torch.cuda.max_memory_allocated() / 2**30)
+                torch.cuda.reset_peak_memory_stats()
             self.step = step + 1
             local_tokens = torch.tensor([float(self._metrics.get("tokens/step", 0.0))], dtype=torch.float64)
             self.tokens_generated += int(self._sum_over_processes(local_tokens).item())
@@ -437,8 +440,9 @@ class RLTrainer(CheckpointingMixin):
                 self.metrics_log.write_completions(self.step, completions)
                 self._log_completions_table(completions)
             self.metrics_log.plot()
-            logger.info("step %d/%d reward %.3f loss %.4f", self.step, self.args.max_steps,
-                        metrics.get("reward", float("nan")), metrics.get("loss", float("nan")))
+            logger.info("step %d/%d reward %.3f loss %.4f %.1f s/step %.0f tokens/s", self.step, self.args.max_steps,
+                        metrics.get("reward", float("nan")), metrics.get("loss", float("nan")),
+                        metrics.get("timing/step", float("nan")), metrics.get("perf/tokens_per_second", float("nan")))
 
     def _log_completions_table(self, completions: list[dict]) -> None:
         if not completions or "wandb" not in self.args.report_to:
