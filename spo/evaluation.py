@@ -200,7 +200,7 @@ def warn_beyond_context(model, prompt_ids: list[list[int]], max_new_tokens: int)
     if over:
         longest = max(over, key=lambda row: len(prompt_ids[row]))
         logger.warning("%d of %d prompts plus max_new_tokens=%d exceed the model's context (max_position_embeddings="
-                       "%d; the longest, row %d, has %d tokens): their completions are cut short or degraded",
+                       "%d; the longest, row %d, has %d tokens): past it the model's completions may be degraded",
                        len(over), len(prompt_ids), max_new_tokens, context, longest, len(prompt_ids[longest]))
     return len(over)
 
