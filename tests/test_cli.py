@@ -200,7 +200,7 @@ BAD_INPUTS = [
     ("train-reward-not-callable", lambda f: _train(f, "--reward_funcs", f"[{REWARDS_MODULE}:NOT_CALLABLE]"),
      ["reward_funcs[0]", f"{REWARDS_MODULE}:NOT_CALLABLE", "not callable"]),
     ("train-reward-timeout", lambda f: _train(f, "--reward_funcs", f"[{REWARDS_MODULE}:slow]",
-                                              "--train.reward_timeout", 0.2), ["'slow'", "0.2s"]),
+                                              "--train.reward_timeout", 0.2), ["slow' did not return", "0.2s"]),
     ("train-reward-weights-count", lambda f: _train(f, "--train.reward_weights", "[1, 2]"), ["reward_weights"]),
     ("train-logging-steps-0", lambda f: _train(f, "--train.logging_steps", 0), ["logging_steps", "0"]),
     ("train-recipe-is-a-directory", lambda f: ["train", f["root"] / "recipes_dir"], ["recipes_dir", "directory"]),
@@ -485,3 +485,11 @@ def test_help_lists_every_key_with_type_default_and_help(cli):
     rc, out, _ = cli("train", "recipes/quickstart.yaml", "--help")
     assert rc == 0 and "--train.mc_samples" in out
     assert cli("prepare-model", "--help")[0] == 0
+
+
+def test_resuming_a_checkpoint_of_another_algorithm_is_one_line(cli, files, tmp_path):
+    out = tmp_path / "run"
+    assert cli(*_train(files, "--train.output_dir", out))[0] == 0
+    rc, _, err = cli(*_train(files, "--train.output_dir", out, "--algorithm", "spo_chain", "--resume"))
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith("spo train: error: --resume: checkpoint ") and "'grpo', not 'spo_chain'" in err[0], err
