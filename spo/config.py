@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
 import types
 import typing
 from pathlib import Path
@@ -16,11 +17,12 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from .errors import ConfigError
+
+__all__ = ["ConfigError", "add_import_paths", "from_dict", "help_rows", "format_help_rows", "load_config",
+           "load_yaml", "merge", "parse_overrides", "to_dict"]
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A configuration value or key is wrong; the message names it."""
 
 
 def _closest(name: str, options) -> str:
@@ -115,10 +117,8 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
         kwargs[key] = _coerce(value, hints[key], path)
     try:
         return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"{where or cls.__name__}: {error}") from error
+    except (TypeError, ValueError) as error:  # the class's own checks (__post_init__) name the field
+        raise ConfigError(f"{where}: {error}" if where else str(error)) from error
 
 
 def to_dict(config) -> dict:
@@ -164,16 +164,35 @@ def merge(base: dict, update: dict) -> dict:
     return merged
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """A YAML error on one line: where, then what."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
+
+
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory, not a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {path} is not a text (UTF-8) YAML file: byte {error.start} is "
+                          f"{error.object[error.start]:#04x}") from None
+    if "\x00" in text:
+        raise ConfigError(f"config file {path} is not a text YAML file: it holds NUL bytes")
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from error
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(error)}") from None
+    if data is None:
+        raise ConfigError(f"config file {path} is empty: give at least one key (see --help)")
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of config keys at the top level")
+        raise ConfigError(f"config file {path} must hold a mapping of config keys at the top level, "
+                          f"not a {type(data).__name__}")
     return data
 
 
@@ -183,3 +202,84 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     if overrides:
         data = merge(data, overrides if isinstance(overrides, dict) else parse_overrides(list(overrides)))
     return from_dict(cls, data)
+
+
+def add_import_paths(*folders: str | Path | None) -> None:
+    """Put ``folders`` (a recipe's folder, the working directory) at the end of the import path, so a reward
+    ``module:function`` in a file next to the recipe is found as a user expects; installed modules keep priority."""
+    for folder in folders:
+        if folder is None:
+            continue
+        entry = str(Path(folder).resolve())
+        if entry not in sys.path:
+            sys.path.append(entry)
+
+
+# --- --help from the dataclasses' field(metadata={"help": ...}) (the TRL convention) ----------------------------
+
+
+def _help_type(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        names = [_help_type(a) for a in args if a is not type(None)]
+        return "|".join(names + (["null"] if type(None) in args else []))
+    if origin is Literal:
+        return "|".join(str(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        return f"list[{_help_type(args[0])}]" if args else "list"
+    if origin is dict or tp is dict:
+        return "mapping"
+    if dataclasses.is_dataclass(tp):
+        return "section"
+    return {bool: "bool", int: "int", float: "float", str: "str"}.get(tp, _type_name(tp))
+
+
+def _help_value(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value if value else "''"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_help_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_help_value(v)}" for k, v in value.items()) + "}"
+    if dataclasses.is_dataclass(value):
+        return "{...}"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def field_default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def help_rows(cls, prefix: str = "", only=None, defaults_of=None) -> list[tuple[str, str, str, str]]:
+    """(key, type, default, help) for each field of dataclass ``cls``: ``prefix`` goes before the key, ``only``
+    limits the fields (names), ``defaults_of`` reads defaults from another (sub)class."""
+    hints = typing.get_type_hints(cls)
+    source = {f.name: f for f in dataclasses.fields(defaults_of or cls)}
+    rows = []
+    for f in dataclasses.fields(cls):
+        if not f.init or (only is not None and f.name not in only):
+            continue
+        default = field_default(source.get(f.name, f))
+        rows.append((prefix + f.name, _help_type(hints[f.name]),
+                     "required" if default is dataclasses.MISSING else _help_value(default),
+                     f.metadata.get("help", "")))
+    return rows
+
+
+def format_help_rows(rows) -> str:
+    """Rows as aligned lines: ``  --key  type  default  help``."""
+    if not rows:
+        return ""
+    widths = [min(max(len(row[i]) for row in rows), cap) for i, cap in ((0, 36), (1, 24), (2, 22))]
+    return "\n".join(f"  --{key:<{widths[0]}}  {kind:<{widths[1]}}  {default:<{widths[2]}}  {text}".rstrip()
+                     for key, kind, default, text in rows)

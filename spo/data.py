@@ -9,6 +9,7 @@ reward functions can read them.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import random
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
+
+from .errors import ConfigError, DataError, DataFieldError, DataFileNotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +45,14 @@ PRESETS: dict[str, FieldMap] = {
 }
 
 BUILTIN_PREFIX = "builtin:"
+BUILTIN_DEFAULT_SIZE = 1000  # problems drawn from a built-in task when no limit is given
+DATA_FILE_KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def check_limit(limit, name: str = "limit") -> None:
+    """``limit`` is a positive number of problems, or None for all of them."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ConfigError(f"{name} must be a positive number of problems, or null for all of them; got {limit!r}")
 
 
 def guess_preset(source: str) -> str | None:
@@ -71,26 +82,105 @@ def extract_reference(answer: Any, answer_after: str | None) -> str:
     return text.strip()
 
 
+def looks_like_path(source: str) -> bool:
+    """Whether ``source`` names a local file or folder rather than a hub data set (``owner/name``)."""
+    return (source.startswith((".", "/", "~")) or source.count("/") > 1 or (os.sep != "/" and os.sep in source)
+            or Path(source).suffix.lower() in DATA_FILE_KINDS)
+
+
+def check_json_file(path: Path) -> None:
+    """Fail with the file and line when a JSON Lines (or JSON) data file is empty, not JSON, cut short, or holds a
+    line that is not an object, before ``datasets`` reads it."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"data file {path} is not UTF-8 text (byte {error.start})") from None
+    if not text.strip():
+        raise DataError(f"data file {path} is empty: no rows")
+    if path.suffix.lower() == ".json" and text.lstrip()[:1] in "[{":
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            pass  # perhaps JSON Lines under a .json name: read it line by line below
+        else:
+            if isinstance(whole, list) and not whole:
+                raise DataError(f"data file {path} is empty: an empty JSON list")
+            return
+    lines = text.split("\n")
+    last = max(i for i, line in enumerate(lines) if line.strip())
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            what = "is cut short" if i == last and not text.endswith("\n") else "is not valid JSON"
+            raise DataError(f"data file {path} line {i + 1} {what}: {error.msg} (column {error.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"data file {path} line {i + 1} is a JSON {type(row).__name__}, not an object of "
+                            "fields such as {\"question\": ..., \"answer\": ...}")
+
+
+def _load_file(path: Path) -> Dataset:
+    from datasets import load_dataset
+    from datasets.exceptions import DatasetGenerationError
+
+    kind = DATA_FILE_KINDS.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(f"unsupported data file {path}: use .jsonl, .json or .parquet")
+    if kind == "json":
+        check_json_file(path)
+    else:
+        import pyarrow
+        import pyarrow.parquet
+
+        try:
+            pyarrow.parquet.ParquetFile(path)
+        except (pyarrow.ArrowException, OSError) as error:
+            raise DataError(f"data file {path} is not a readable Parquet file: {error}") from None
+    try:
+        raw = load_dataset(kind, data_files=str(path), split="train")
+    except DatasetGenerationError as error:  # e.g. a field that is a number in one row and text in another
+        cause = str(error.__cause__ or error).strip().splitlines()
+        raise DataError(f"data file {path} could not be read: {cause[0] if cause else type(error).__name__}") from error
+    if len(raw) == 0:
+        raise DataError(f"data file {path} is empty: no rows")
+    return raw
+
+
 def _load_raw(source: str, split: str, config_name: str | None) -> Dataset:
     from datasets import load_dataset
 
-    path = Path(source)
+    path = Path(source).expanduser()
     if path.is_dir():
         candidates = [p for ext in ("jsonl", "json", "parquet") for p in sorted(path.glob(f"{split}*.{ext}"))]
         if not candidates:
-            raise FileNotFoundError(f"no {split}.jsonl / {split}.parquet in data folder {path}")
+            raise DataFileNotFoundError(f"no {split}.jsonl / {split}.json / {split}.parquet in data folder {path}")
         path = candidates[0]
     if path.is_file():
-        suffix = path.suffix.lower()
-        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(suffix)
-        if kind is None:
-            raise ValueError(f"unsupported data file {path}: use .jsonl, .json or .parquet")
-        return load_dataset(kind, data_files=str(path), split="train")
-    if os.path.sep in source and not source.count("/") == 1:
-        raise FileNotFoundError(f"data path {source} does not exist")
+        return _load_file(path)
+    if looks_like_path(source):
+        what = "data file" if path.suffix.lower() in DATA_FILE_KINDS else "data path"
+        where = "" if path.is_absolute() else f" (in {Path.cwd()})"
+        raise DataFileNotFoundError(f"{what} {source} does not exist{where}")
     if config_name is None and guess_preset(source) == "gsm8k":
         config_name = "main"
-    return load_dataset(source, config_name, split=split)
+    from datasets.exceptions import DatasetNotFoundError
+
+    try:
+        return load_dataset(source, config_name, split=split)
+    except DatasetNotFoundError as error:
+        raise DataFileNotFoundError(f"data set {source!r} is neither a local file or folder nor a data set on the "
+                                    f"Hub: {error}") from error
+    except ConnectionError as error:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            raise DataError(f"data set {source!r} is not a local file or folder, and the Hub is offline and not in "
+                            "the cache: HF_HUB_OFFLINE is set (download it once online, or give a local file)"
+                            ) from error
+        raise DataError(f"data set {source!r} is not a local file or folder, and the Hub cannot be reached: "
+                        f"{error}") from error
 
 
 def load_problems(
@@ -113,16 +203,22 @@ def load_problems(
     (``openai/gsm8k``), or a built-in task (``builtin:arithmetic``). Field names come from a preset
     (``gsm8k``, ``math``; guessed from the source's name) and can be overridden one by one.
     """
+    check_limit(limit)
     if str(source).startswith(BUILTIN_PREFIX):
         task = str(source)[len(BUILTIN_PREFIX):]
         if task != "arithmetic":
-            raise ValueError(f"unknown built-in task {task!r}; available: builtin:arithmetic")
-        return make_arithmetic_task(split, n=limit or 1000, difficulty=difficulty or DEFAULT_DIFFICULTY, seed=seed,
-                                    instruction=instruction, system_prompt=system_prompt)
+            raise DataError(f"unknown built-in task {task!r}; available: builtin:arithmetic")
+        if split not in ("train", "test"):
+            raise ConfigError(f"split must be 'train' or 'test' for {source}, got {split!r}")
+        if difficulty is not None and (isinstance(difficulty, bool) or difficulty not in range(1, 7)):
+            raise ConfigError(f"difficulty must be between 1 and 6 for {source}, got {difficulty!r}")
+        return make_arithmetic_task(split, n=BUILTIN_DEFAULT_SIZE if limit is None else limit,
+                                    difficulty=DEFAULT_DIFFICULTY if difficulty is None else difficulty,
+                                    seed=seed, instruction=instruction, system_prompt=system_prompt)
 
     preset_name = preset or guess_preset(source)
     if preset_name is not None and preset_name not in PRESETS:
-        raise ValueError(f"unknown preset {preset_name!r}; available: {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset {preset_name!r}; available: {', '.join(PRESETS)}")
     fields = PRESETS.get(preset_name, FieldMap("question", "answer"))
     q_field = question_field or fields.question
     a_field = answer_field or fields.answer
@@ -131,7 +227,7 @@ def load_problems(
     raw = _load_raw(str(source), split, config_name)
     for field in (q_field, a_field):
         if field not in raw.column_names:
-            raise KeyError(f"data set {source} ({split}) has no field {field!r}; its fields are {raw.column_names}. "
+            raise DataFieldError(f"data set {source} ({split}) has no field {field!r}; its fields are {raw.column_names}. "
                            "Set question_field / answer_field.")
     if limit is not None:
         raw = raw.select(range(min(limit, len(raw))))
@@ -139,9 +235,9 @@ def load_problems(
     def convert(row: dict, index: int) -> dict:
         question, answer = row[q_field], row[a_field]
         if not isinstance(question, str) or not question.strip():
-            raise ValueError(f"{source} row {index}: field {q_field!r} is empty or not text")
+            raise DataError(f"{source} row {index}: field {q_field!r} is empty or not text")
         if answer is None or not str(answer).strip():
-            raise ValueError(f"{source} row {index}: field {a_field!r} is empty")
+            raise DataError(f"{source} row {index}: field {a_field!r} is empty")
         return {"prompt": to_messages(question, instruction, system_prompt),
                 "answer": extract_reference(answer, fields.answer_after if a_field == fields.answer else None)}
 
@@ -189,7 +285,7 @@ def tokenize_prompts(tokenizer, prompts: list, max_prompt_length: int | None = N
                      where: str = "", limit_name: str | None = None,
                      skipped: dict[int, str] | None = None) -> list[list[int]]:
     """Token ids of prompts (see :func:`tokenize_prompt`). A prompt that is empty, malformed or longer than
-    ``max_prompt_length`` tokens raises a ValueError naming its row (counted from ``first_row``, in the data set
+    ``max_prompt_length`` tokens raises a DataError (a ValueError) naming its row (counted from ``first_row``, in the data set
     ``where``) and field; when a dict ``skipped`` is given, such rows are left out and recorded there instead
     (row -> reason). ``limit_name`` says where the length limit comes from in the message."""
     ids = []
@@ -205,7 +301,7 @@ def tokenize_prompts(tokenizer, prompts: list, max_prompt_length: int | None = N
         if problem is None:
             ids.append(tokens)
         elif skipped is None:
-            raise ValueError(f"{where + ' ' if where else ''}row {row}: field 'prompt' {problem}")
+            raise DataError(f"{where + ' ' if where else ''}row {row}: field 'prompt' {problem}")
         else:
             skipped[row] = problem
     return ids
@@ -226,7 +322,7 @@ def tokenize_dataset(tokenizer, dataset: Dataset, max_prompt_length: int | None,
         return dataset, ids, {}
     examples = "; ".join(f"row {row}: field 'prompt' {why}" for row, why in list(skipped.items())[:3])
     if len(skipped) == len(dataset):
-        raise ValueError(f"every row of {where} has an unusable prompt ({examples})")
+        raise DataError(f"every row of {where} has an unusable prompt ({examples})")
     logger.warning("%s: skipped %d of %d rows with an unusable prompt (%s%s)", where, len(skipped), len(dataset),
                    examples, "; ..." if len(skipped) > 3 else "")
     kept = [row for row in range(len(dataset)) if row not in skipped]

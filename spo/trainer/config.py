@@ -3,86 +3,100 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
+
+from ..errors import ConfigError
+from ..models import model_context
+
+
+def _f(default=None, help: str = "", factory=None):
+    """A field with one line of help for ``spo train --help`` (TRL's ``field(metadata={"help": ...})``)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class GRPOConfig:
+    # a group baseline (grpo, dr_grpo, rloo) needs at least two completions per prompt; SPO's values do not
+    needs_groups: ClassVar[bool] = True
     # where and how long
-    output_dir: str = "outputs/run"
-    run_name: str | None = None
-    seed: int = 0
-    max_steps: int = 100  # RL iterations: generate -> score -> update
-    max_generated_tokens: int | None = None  # stop earlier once this many tokens were sampled (all processes)
+    output_dir: str = _f("outputs/run", "folder for checkpoints, metrics, completions and the final adapter or model")
+    run_name: str | None = _f(None, "run name in the trackers (wandb); null: the output folder's name")
+    seed: int = _f(0, "random seed (rollouts, data order, adapter initialisation)")
+    max_steps: int = _f(100, "RL iterations: generate -> score -> update")
+    max_generated_tokens: int | None = _f(None, "stop earlier once this many tokens were sampled (all processes)")
     # generation
-    prompts_per_step: int = 8  # over all processes; each process takes an equal share
-    num_generations: int = 8  # samples per prompt (the group)
-    max_prompt_length: int | None = 512  # None: the model's context minus max_completion_length
-    # a row of train_dataset whose prompt is empty, malformed or too long: "raise" stops with an error naming the row,
-    # "skip" leaves it out (listed in trainer.skipped_prompts and logged)
-    prompt_errors: Literal["raise", "skip"] = "raise"
-    max_completion_length: int = 256
-    temperature: float = 0.6
-    top_p: float = 0.9
-    top_k: int = 0
-    stop: list[str] = field(default_factory=list)
-    # rows decoded at once, a multiple of num_generations (a prompt's group decodes together); None: 64 rounded down
-    # to a multiple of num_generations
-    generation_batch_size: int | None = None
-    kv_policy: str = "full"
-    kv_budget: float | None = None  # tokens (>= 1) or a fraction of the sequence (< 1)
-    kv_kwargs: dict = field(default_factory=dict)
-    # sample from a merged copy of the policy in this dtype ("bfloat16", "float16", "float32"), refreshed after
-    # every optimizer step; None samples from the policy itself, adapters live (see spo.rollout.snapshot)
-    rollout_dtype: str | None = None
+    prompts_per_step: int = _f(8, "prompts per step over all processes; each process takes an equal share")
+    num_generations: int = _f(8, "completions sampled per prompt (the group)")
+    max_prompt_length: int | None = _f(512, "longest prompt in tokens; null: the model's context minus "
+                                            "max_completion_length")
+    prompt_errors: Literal["raise", "skip"] = _f("raise", "a row whose prompt is empty, malformed or too long: raise "
+                                                          "an error naming it, or skip it")
+    max_completion_length: int = _f(256, "longest completion in tokens")
+    temperature: float = _f(0.6, "sampling temperature (the loss uses logits / temperature)")
+    top_p: float = _f(0.9, "nucleus sampling: the smallest set of tokens with this probability")
+    top_k: int = _f(0, "sample among the k most likely tokens; 0: no limit")
+    stop: list[str] = _f(help="strings that end a completion", factory=list)
+    generation_batch_size: int | None = _f(None, "rows decoded at once, a multiple of num_generations; null: 64 "
+                                                 "rounded down to one")
+    kv_policy: str = _f("full", "rollout KV cache policy: full, streaming, h2o, snapkv, windowkv or lazy")
+    kv_budget: float | None = _f(None, "KV cache budget: tokens (>= 1) or a fraction of prompt + new tokens (< 1)")
+    kv_kwargs: dict = _f(help="further options of the KV cache policy", factory=dict)
+    rollout_dtype: str | None = _f(None, "sample from a merged copy of the policy in this dtype (bfloat16, float16, "
+                                         "float32); null: the policy")
     # advantages and loss
-    advantage_estimator: Literal["grpo", "rloo", "dr_grpo"] = "grpo"
-    scale_rewards: bool = True
-    whiten_advantages: bool = False
-    probability_mask: bool = False
-    probability_threshold: float = 0.9
-    beta: float = 0.0
-    epsilon: float = 0.2
-    epsilon_high: float | None = None  # clip-higher; None = epsilon
-    loss_type: Literal["dapo", "bnpo", "grpo", "dr_grpo"] = "dapo"  # see spo.loss.LOSS_TYPES
-    mask_truncated_completions: bool = False
-    importance_sampling_cap: float | None = 2.0  # truncated IS weights against the sampler's log-probs; None = off
+    advantage_estimator: Literal["grpo", "rloo", "dr_grpo"] = _f(
+        "grpo", "group baseline: grpo (group mean, / std), rloo (leave one out) or dr_grpo (group mean)")
+    scale_rewards: bool = _f(True, "grpo: divide advantages by the group's reward std")
+    whiten_advantages: bool = _f(False, "normalise the batch's advantages to mean 0 and std 1 over trained tokens")
+    probability_mask: bool = _f(False, "train only tokens sampled with a probability below probability_threshold")
+    probability_threshold: float = _f(0.9, "token probability at and above which the probability mask drops a token")
+    beta: float = _f(0.0, "KL penalty against the reference (the model without adapters); 0: none")
+    epsilon: float = _f(0.2, "PPO clip range below 1 (and above, unless epsilon_high is set)")
+    epsilon_high: float | None = _f(None, "clip range above 1 (clip-higher); null: epsilon")
+    loss_type: Literal["dapo", "bnpo", "grpo", "dr_grpo"] = _f(
+        "dapo", "loss normaliser: dapo (the step's tokens), bnpo (this process's), grpo (per sequence), dr_grpo")
+    mask_truncated_completions: bool = _f(False, "leave completions cut at max_completion_length out of the loss")
+    importance_sampling_cap: float | None = _f(2.0, "cap of the importance weights against the sampler's log-probs; "
+                                                    "null: none")
     # optimisation
-    learning_rate: float = 1e-5
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    warmup_ratio: float = 0.03
-    lr_scheduler_type: Literal["linear", "constant", "cosine"] = "linear"
-    max_grad_norm: float = 1.0
-    num_iterations: int = 1  # passes over each generated batch
-    per_device_train_batch_size: int = 8  # completions per micro-batch
-    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
-    gradient_checkpointing: bool = False
-    # bfloat16 autocast for the learner's forward and backward (accelerate mixed precision; trained weights stay
-    # float32); None follows the launcher (accelerate launch --mixed_precision or its config file)
-    bf16: bool | None = None
+    learning_rate: float = _f(1e-5, "AdamW learning rate")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    warmup_ratio: float = _f(0.03, "fraction of max_steps over which the learning rate warms up from 0")
+    lr_scheduler_type: Literal["linear", "constant", "cosine"] = _f("linear", "learning-rate schedule after warmup")
+    max_grad_norm: float = _f(1.0, "clip the gradient norm to this; 0: no clipping")
+    num_iterations: int = _f(1, "optimisation passes over each generated batch")
+    per_device_train_batch_size: int = _f(8, "completions per micro-batch")
+    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
+    bf16: bool | None = _f(None, "bfloat16 autocast for the learner (trained weights stay float32); null: as the launcher "
+                                 "says")
     # selective sample buffer
-    use_sample_buffer: bool = False
-    buffer_capacity: int = 512
-    buffer_alpha: float = 1.0
-    buffer_max_age: int = 8
-    buffer_target_fraction: float = 0.6
+    use_sample_buffer: bool = _f(False, "re-inject cached samples with non-zero advantage (selective sample buffer)")
+    buffer_capacity: int = _f(512, "samples the buffer holds")
+    buffer_alpha: float = _f(1.0, "buffer draws samples with probability proportional to |advantage| ** alpha")
+    buffer_max_age: int = _f(8, "steps a sample stays in the buffer")
+    buffer_target_fraction: float = _f(0.6, "share of a step's samples with non-zero advantage the buffer tops up to")
     # rewards
-    reward_weights: list[float] | None = None
-    reward_errors: Literal["raise", "skip"] = "raise"  # skip: samples a reward function fails on are dropped
-    reward_timeout: float | None = 60.0  # seconds each reward function may take per batch
+    reward_weights: list[float] | None = _f(None, "weight of each reward function; null: 1 each")
+    reward_errors: Literal["raise", "skip"] = _f("raise", "a reward function that fails: raise an error naming it, "
+                                                          "or skip those samples")
+    reward_timeout: float | None = _f(60.0, "seconds each reward function may take per batch; null: no limit")
     # logging, evaluation, checkpoints
-    logging_steps: int = 1
-    report_to: list[str] = field(default_factory=lambda: ["wandb"])
-    log_completions: bool = True
-    num_completions_to_print: int = 0
-    eval_steps: int | None = None
-    eval_limit: int | None = 200
-    eval_max_new_tokens: int | None = None
-    save_steps: int | None = 50
-    save_total_limit: int | None = 2
-    resume_from_checkpoint: str | None = None  # a checkpoint folder, or "latest"
+    logging_steps: int = _f(1, "log metrics every this many steps")
+    report_to: list[str] = _f(help="trackers (accelerate's: wandb, tensorboard, ...); [none]: no tracker",
+                              factory=lambda: ["wandb"])
+    log_completions: bool = _f(True, "write each logged step's completions to completions.jsonl and the trackers")
+    num_completions_to_print: int = _f(0, "accepted for TRL compatibility; not used")
+    eval_steps: int | None = _f(None, "held-out evaluation every this many steps; null: none during training")
+    eval_limit: int | None = _f(200, "held-out problems per evaluation; null: all of them")
+    eval_max_new_tokens: int | None = _f(None, "longest completion at evaluation; null: max_completion_length")
+    save_steps: int | None = _f(50, "checkpoint every this many steps; null: only at the end")
+    save_total_limit: int | None = _f(2, "checkpoints kept; null: all")
+    resume_from_checkpoint: str | None = _f(None, "continue from a checkpoint folder, or latest (what --resume sets)")
 
     def __post_init__(self):
         if self.generation_batch_size is None and self.num_generations >= 1:
@@ -105,6 +119,17 @@ class GRPOConfig:
             (self.importance_sampling_cap is None or self.importance_sampling_cap >= 1,
              "importance_sampling_cap must be >= 1"),
             (self.advantage_estimator != "rloo" or self.num_generations >= 2, "RLOO needs num_generations >= 2"),
+            (not self.needs_groups or self.num_generations >= 2,
+             f"num_generations must be >= 2 for the group baseline ({self.advantage_estimator}), got "
+             f"{self.num_generations}: with one completion per prompt every advantage is zero"),
+            (self.epsilon_high is None or self.epsilon_high > 0, f"epsilon_high must be > 0, got {self.epsilon_high}"),
+            (0 <= self.warmup_ratio <= 1, f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}"),
+            (self.logging_steps >= 1, f"logging_steps must be >= 1, got {self.logging_steps}"),
+            (self.eval_steps is None or self.eval_steps >= 0, f"eval_steps must be >= 1, or 0 or null for none; got {self.eval_steps}"),
+            (self.save_steps is None or self.save_steps >= 0, f"save_steps must be >= 1, or 0 or null for none; got {self.save_steps}"),
+            (self.eval_limit is None or self.eval_limit >= 1, f"eval_limit must be >= 1 or null, got {self.eval_limit}"),
+            (self.reward_timeout is None or self.reward_timeout > 0,
+             f"reward_timeout must be > 0 seconds or null, got {self.reward_timeout}"),
             (self.rollout_dtype in (None, "float32", "bfloat16", "float16"),
              f"rollout_dtype must be null, 'float32', 'bfloat16' or 'float16', got {self.rollout_dtype!r}"),
             (self.generation_batch_size is not None and self.generation_batch_size >= 1,
@@ -122,13 +147,6 @@ class GRPOConfig:
     @property
     def epsilon_upper(self) -> float:
         return self.epsilon if self.epsilon_high is None else self.epsilon_high
-
-
-def model_context(model_config) -> int | None:
-    """The model's context window in tokens (``max_position_embeddings``), or None when its config does not say."""
-    text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-    context = getattr(text_config, "max_position_embeddings", None)
-    return context if isinstance(context, int) and context > 0 else None
 
 
 def prompt_limit(args: GRPOConfig, model_config) -> tuple[int | None, str]:
@@ -154,30 +172,34 @@ def check_fits_model(args: GRPOConfig, model_config) -> None:
         what = ("max_prompt_length + max_completion_length = "
                 f"{args.max_prompt_length} + {args.max_completion_length}" if args.max_prompt_length is not None
                 else f"max_completion_length = {args.max_completion_length} (plus at least one prompt token)")
-        raise ValueError(f"{what} tokens do not fit the model's context (max_position_embeddings={context}); "
-                         "lower them")
+        raise ConfigError(f"{what} tokens do not fit the model's context (max_position_embeddings={context}); "
+                          "lower them")
     budget = args.kv_budget
     if budget is not None and budget > 1 and budget > context:
-        raise ValueError(f"kv_budget={budget:g} tokens is larger than the model's context "
-                         f"(max_position_embeddings={context}); give at most {context} tokens or a fraction in (0, 1]")
+        raise ConfigError(f"kv_budget={budget:g} tokens is larger than the model's context "
+                          f"(max_position_embeddings={context}); give at most {context} tokens or a fraction in (0, 1]")
 
 
 @dataclass
 class SPOChainConfig(GRPOConfig):
     """SPO-chain: cutpoint segments valued by Monte Carlo continuations (docs/ALGORITHMS.md section 2)."""
 
-    mc_samples: int = 9  # K continuations per state
-    cutpoint_interval: int = 5  # keep every k-th cutpoint ("int5")
-    partition: Literal["cutpoint", "fixed", "newline"] = "cutpoint"
-    num_fixed_segments: int = 4  # partition="fixed" only
-    max_mc_states_per_step: int | None = None  # cap on distinct states valued per step (per process)
-    mc_share_prefixes: bool = True  # encode each state once and fork its cache K ways (False: re-encode K times)
+    needs_groups: ClassVar[bool] = False  # segments are valued by Monte Carlo, not by the group
+
+    mc_samples: int = _f(9, "Monte Carlo continuations per state (K)")
+    cutpoint_interval: int = _f(5, "keep every k-th cutpoint as a segment boundary")
+    partition: Literal["cutpoint", "fixed", "newline"] = _f(
+        "cutpoint", "segment boundaries: cutpoint (low-probability tokens), fixed (equal parts) or newline")
+    num_fixed_segments: int = _f(4, "segments per completion with partition fixed")
+    max_mc_states_per_step: int | None = _f(None, "cap on distinct states valued per step (per process); null: none")
+    mc_share_prefixes: bool = _f(True, "encode each state once and fork its cache K ways (false: re-encode K times)")
     # the bare prompt is every rollout's first boundary, valued by the mean reward of its group's rollouts (a
     # Monte Carlo value with K = num_generations that costs no extra sampling); False: docs/ALGORITHMS.md 2.3 as
     # published, where tokens before the first cutpoint get advantage 0
-    group_prompt_value: bool = False
-    probability_mask: bool = True
-    whiten_advantages: bool = True
+    group_prompt_value: bool = _f(False, "the bare prompt is every rollout's first boundary, valued by its group's "
+                                         "mean reward")
+    probability_mask: bool = _f(True, "train only tokens sampled with a probability below probability_threshold")
+    whiten_advantages: bool = _f(True, "normalise the batch's advantages to mean 0 and std 1 over trained tokens")
 
     def __post_init__(self):
         super().__post_init__()
@@ -193,14 +215,17 @@ class SPOChainConfig(GRPOConfig):
 class SPOTreeConfig(GRPOConfig):
     """SPO-tree: a tree of segments per prompt, values as the mean over children (docs/ALGORITHMS.md section 3)."""
 
-    branching: list[int] = field(default_factory=lambda: [6, 6, 6])  # children per node, level by level
-    segment_length: int = 30  # token budget M of every level but the last
-    normalize_by_sibling_std: bool = False
-    edges_per_question: int = 32
-    replay_max_age: int = 8
-    num_generations: int = 1  # unused by the tree (branching[0] plays its part)
-    probability_mask: bool = True
-    whiten_advantages: bool = True
+    needs_groups: ClassVar[bool] = False  # values are means over the tree's own rollouts
+
+    branching: list[int] = _f(help="children per node, level by level (its length is the tree's depth)",
+                              factory=lambda: [6, 6, 6])
+    segment_length: int = _f(30, "tokens per segment (M) at every level but the last")
+    normalize_by_sibling_std: bool = _f(False, "divide each edge's advantage by the std of its siblings' values")
+    edges_per_question: int = _f(32, "edges trained per prompt and step; the rest wait in the replay")
+    replay_max_age: int = _f(8, "steps an unused edge waits in the replay")
+    num_generations: int = _f(1, "unused by the tree (branching[0] plays its part)")
+    probability_mask: bool = _f(True, "train only tokens sampled with a probability below probability_threshold")
+    whiten_advantages: bool = _f(True, "normalise the batch's advantages to mean 0 and std 1 over trained tokens")
 
     def __post_init__(self):
         super().__post_init__()
