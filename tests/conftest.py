@@ -11,8 +11,9 @@ import torch  # noqa: E402
 torch.set_flush_denormal(True)
 
 # The full data sets (GSM8K train/test, MATH-500) live next to the repository in ../shared/data on our machines and
-# in CI, not in a user's clone. Tests that only need some real rows use the small copies in tests/fixtures/
-# (see tests/fixtures/README.md); the checks that need the whole data sets take the `shared_data` fixture.
+# in CI, not in a user's clone. Tests that only need a few rows use the small data sets written for this project
+# in the same format, in tests/fixtures/ (see tests/fixtures/README.md); the checks that need the whole data sets
+# take the `shared_data` fixture.
 SHARED_DATA = Path(os.environ.get("SPO_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -35,8 +36,8 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def sample_data() -> Path:
-    """A few real rows of each data set, shipped with the tests: ``gsm8k/test.jsonl``, ``math500/test.jsonl``
-    (the first 20 rows of each, same layout as ../shared/data)."""
+    """Small data sets shipped with the tests, written for this project in the format of the real ones:
+    ``gsm8k/test.jsonl``, ``math500/test.jsonl`` (20 rows each, same layout and fields as ../shared/data)."""
     return FIXTURES
 
 
