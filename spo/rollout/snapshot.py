@@ -13,6 +13,7 @@ optimizer step.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -72,7 +73,10 @@ class PolicySnapshot:
                 self._adapter_layers.append((own[name], module))
                 adapter_prefixes.append(f"{name}.")
         own_params = dict(self.model.named_parameters())
-        self._trainable = []  # (snapshot parameter, live parameter) for trainable weights outside adapter layers
+        # (snapshot parameter, live name) for trainable weights outside adapter layers; looked up by name at every
+        # refresh, since FSDP replaces a module's parameters when it shards them
+        self._live = live
+        self._trainable = []
         adapter_prefixes = tuple(adapter_prefixes)
         for name, param in live.named_parameters():
             if not param.requires_grad or name.startswith(adapter_prefixes):
@@ -80,13 +84,30 @@ class PolicySnapshot:
             if name not in own_params:
                 raise RuntimeError(f"trainable parameter {name!r} has no counterpart in the merged copy (PEFT "
                                    "modules_to_save are not supported by PolicySnapshot)")
-            self._trainable.append((own_params[name], param))
+            self._trainable.append((own_params[name], name))
 
     @torch.no_grad()
     def refresh(self) -> nn.Module:
-        """Copy the policy's current weights into the snapshot; returns the snapshot model."""
-        for target, layer in self._adapter_layers:
-            target.weight.copy_(merged_weight(layer))
-        for target, param in self._trainable:
-            target.copy_(param)
+        """Copy the policy's current weights into the snapshot; returns the snapshot model. Under FSDP every
+        process must call it (the shards are gathered)."""
+        with gathered(self._live):
+            for target, layer in self._adapter_layers:
+                target.weight.copy_(merged_weight(layer))
+            for target, name in self._trainable:
+                target.copy_(self._live.get_parameter(name))
         return self.model
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module):
+    """Whole (unsharded) parameters inside the block when ``model`` is sharded by FSDP2; a no-op otherwise."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()

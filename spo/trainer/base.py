@@ -20,8 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 
 from rewards import compute_rewards, get_reward, reward_name
 
@@ -29,6 +28,7 @@ from ..data import tokenize_dataset
 from ..models import ensure_pad_token, load_model, load_tokenizer, setup_cpu_math
 from . import checkpoint as ckpt
 from .config import GRPOConfig, check_fits_model, prompt_limit
+from .distributed import make_accelerator
 from .learner import LEARNER_METRICS, Learner
 from .samples import Sample, TrainBatch, train_batch
 from .state import CheckpointingMixin
@@ -45,29 +45,6 @@ TRAINER_METRICS = ("reward", "reward_std", "frac_reward_zero_std", "completions/
                    "ssb/effective_fraction_after", "eval/accuracy", "eval/problems")
 
 
-def use_cpu() -> bool:
-    """Train on the CPU when there is no accelerator (also under ``accelerate launch --multi_gpu``, which is how
-    accelerate starts several CPU processes without MPI)."""
-    return not torch.cuda.is_available()
-
-
-def allow_precision_change(mixed_precision: str | None) -> None:
-    """accelerate keeps one process-wide state whose mixed precision cannot change once set; in a single-process
-    session (a notebook, a benchmark) a second trainer may ask for another, so the state is started afresh."""
-    from accelerate.state import AcceleratorState
-
-    state = AcceleratorState._shared_state
-    if mixed_precision is None:
-        mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    if state and state.get("_mixed_precision") != mixed_precision and state.get("num_processes", 1) == 1:
-        AcceleratorState._reset_state(reset_partial_state=True)
-
-
-def distributed_state():
-    from accelerate import PartialState
-
-    return PartialState(cpu=use_cpu())
-
 
 class RLTrainer(CheckpointingMixin):
     algorithm = "base"
@@ -83,10 +60,8 @@ class RLTrainer(CheckpointingMixin):
         trackers = [t for t in args.report_to if t != "none"]
         # bf16 None: the launcher's setting (accelerate launch --mixed_precision / its config file) decides
         mixed_precision = None if args.bf16 is None else ("bf16" if args.bf16 else "no")
-        allow_precision_change(mixed_precision)
-        self.accelerator = Accelerator(cpu=use_cpu(), log_with=trackers or None, project_dir=str(self.output_dir),
-                                       mixed_precision=mixed_precision)
-        warn_if_gpu_launch_on_cpu(self.accelerator)
+        self.accelerator = make_accelerator(log_with=trackers or None, project_dir=str(self.output_dir),
+                                            mixed_precision=mixed_precision)
         set_seed(args.seed, device_specific=True)
         if self.accelerator.device.type == "cpu":
             setup_cpu_math()
@@ -121,6 +96,15 @@ class RLTrainer(CheckpointingMixin):
                             + tuple(f"rewards/{name}/mean" for name in self.reward_names))
 
         ckpt.check_free_space(self.output_dir, ckpt.estimate_checkpoint_bytes(model))
+        from ..rollout.snapshot import PolicySnapshot
+
+        rollout_dtype = args.rollout_dtype
+        if rollout_dtype is None and self.accelerator.distributed_type == DistributedType.FSDP:
+            # sharded weights are gathered by collectives inside every forward, and processes decode different
+            # numbers of steps: they sample (and evaluate) from a gathered copy instead
+            rollout_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        # copied before the learner shards or upcasts the model; refreshed from it before every step
+        self.snapshot = PolicySnapshot(model, rollout_dtype) if rollout_dtype else None
         self.learner = Learner(self.accelerator, model, args, self.tokenizer.pad_token_id, self.uses_adapters)
 
         world = self.accelerator.num_processes
@@ -138,14 +122,7 @@ class RLTrainer(CheckpointingMixin):
         self.column_values = {c: list(train_dataset[c]) for c in train_dataset.column_names if c != "prompt"}
 
         from ..rollout import Generator
-        from ..rollout.snapshot import PolicySnapshot
 
-        rollout_dtype = args.rollout_dtype
-        if rollout_dtype is None and self.learner.fsdp:
-            # sharded weights are gathered by collectives inside every forward, and processes decode different
-            # numbers of steps: they sample from a gathered copy instead
-            rollout_dtype = str(next(self.unwrapped.parameters()).dtype).removeprefix("torch.")
-        self.snapshot = PolicySnapshot(self.unwrapped, rollout_dtype) if rollout_dtype else None
         self.generator = Generator(self.sampling_model, self.tokenizer, kv_policy=args.kv_policy,
                                    kv_budget=args.kv_budget, kv_kwargs=dict(args.kv_kwargs),
                                    max_batch_rows=args.generation_batch_size)
@@ -483,17 +460,3 @@ class RLTrainer(CheckpointingMixin):
             init_kwargs={"wandb": {"name": self.args.run_name or self.output_dir.name, "dir": str(self.output_dir)}})
         self._trackers_started = True
 
-
-def warn_if_gpu_launch_on_cpu(accelerator) -> None:
-    """A GPU launcher config started on a machine without a GPU: say what it costs before anything runs."""
-    from accelerate.utils import DistributedType
-
-    if torch.cuda.is_available():
-        return
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise RuntimeError("this accelerate config uses DeepSpeed, which needs CUDA GPUs; none was found. On a CPU "
-                           "use recipes/accelerate/cpu_2proc.yaml (DDP) or fsdp2_cpu_2proc.yaml")
-    if accelerator.num_processes > 2 and accelerator.is_main_process:
-        logger.warning("no GPU found: %d CPU processes share this machine's %d cores, each with its own copy of "
-                       "the model; expect each step to take far longer than on GPUs (recipes/accelerate/"
-                       "cpu_2proc.yaml is the CPU setting)", accelerator.num_processes, os.cpu_count() or 1)

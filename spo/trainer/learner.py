@@ -70,6 +70,7 @@ class Learner:
         # the scheduler counts RL steps and is not prepared: accelerate's wrapper would step it once per process
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.trainable_names = [n for n, p in self.unwrapped.named_parameters() if p.requires_grad]
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]  # FSDP's, once sharded
 
     @property
     def unwrapped(self):
@@ -122,6 +123,16 @@ class Learner:
         tensor = torch.tensor([value], device=self.accelerator.device)
         return int(self.accelerator.gather(tensor).max())
 
+    def _reshard(self) -> None:
+        """FSDP2 keeps the root's parameters gathered after a forward pass; gathered under ``no_grad`` they are
+        detached from the sharded ones, and the next pass with gradient would train nothing through them."""
+        if self.fsdp:
+            from torch.distributed.fsdp import FSDPModule
+
+            for module in self.model.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
+
     # --- log-probs -------------------------------------------------------------------------------------------------
 
     def logprobs(self, batch: Batch, with_entropy: bool = False):
@@ -133,8 +144,13 @@ class Learner:
         with self.accelerator.autocast():
             if self.reference is not None:
                 return completion_logprobs(self.reference, batch, self.args.temperature)
+            # PEFT toggles the adapters' requires_grad on entering and leaving: under FSDP2 that must happen to the
+            # sharded parameters, not to gathered copies that would keep requires_grad=False
+            self._reshard()
             with self.unwrapped.disable_adapter():
-                return self.logprobs(batch)
+                logprobs = self.logprobs(batch)
+                self._reshard()
+            return logprobs
 
     # --- the update ------------------------------------------------------------------------------------------------
 
@@ -160,6 +176,7 @@ class Learner:
             old = torch.stack([pad_rows([s.old_logprobs], current.shape[1])[0] if s.old_logprobs is not None
                                else current[i] for i, s in enumerate(samples)]) if samples else current
         ref = self.reference_logprobs(batch).cpu() if self.args.beta > 0 else None
+        self._reshard()
         return MicroBatch(batch, behaviour, advantages, mask, old, ref, tokens=int(mask.sum()), rows=len(samples))
 
     def _micro_batches(self, train: TrainBatch) -> list[MicroBatch]:
@@ -266,7 +283,12 @@ class Learner:
         its ``gradient_clipping``, and reports the norm after its step)."""
         if not self.args.max_grad_norm and not self.deepspeed:
             return None
-        norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm or float("inf"))
+        max_norm = self.args.max_grad_norm or float("inf")
+        if self.fsdp:  # one device mesh: torch clips DTensor gradients itself (accelerate's FSDP path compares
+            # parameter lists with ==, which DTensors cannot answer)
+            norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
+        else:
+            norm = self.accelerator.clip_grad_norm_(self.trainable, max_norm)
         if norm is None:
             return None
         if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
@@ -280,9 +302,9 @@ class Learner:
         process must call it: under FSDP and ZeRO-3 it gathers the shards."""
         if self.fsdp or self.deepspeed:
             full = self.accelerator.get_state_dict(self.model, unwrap=True) or {}
-            return {n: full[n].detach().contiguous().cpu() for n in self.trainable_names if n in full}
+            return {n: full[n].detach().cpu().clone() for n in self.trainable_names if n in full}
         parameters = dict(self.unwrapped.named_parameters())
-        return {n: parameters[n].detach().contiguous().cpu() for n in self.trainable_names}
+        return {n: parameters[n].detach().cpu().clone() for n in self.trainable_names}
 
     def load_trainable_state(self, state: dict[str, torch.Tensor], source) -> None:
         expected = set(self.trainable_names)
@@ -300,8 +322,11 @@ class Learner:
             for name, value in state.items():
                 parameters[name].copy_(value)
 
-    def optimizer_state(self) -> dict:
-        """The optimizer's state, whole (every process must call it; under FSDP it gathers the shards)."""
+    def optimizer_state(self) -> dict | None:
+        """The optimizer's state, whole (every process must call it; under FSDP it gathers the shards). None under
+        DeepSpeed, whose engine writes its partitioned state itself (``save_engine_state``)."""
+        if self.deepspeed:
+            return None
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -309,7 +334,19 @@ class Learner:
                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return self.optimizer.state_dict()
 
-    def load_optimizer_state(self, state: dict) -> None:
+    def save_engine_state(self, folder) -> None:
+        """DeepSpeed only, on every process: the engine's own checkpoint (each process's optimizer partition)."""
+        if self.deepspeed:
+            self.model.save_checkpoint(str(folder), tag="deepspeed", exclude_frozen_parameters=True)
+
+    def load_engine_state(self, folder) -> None:
+        if self.deepspeed:
+            self.model.load_checkpoint(str(folder), tag="deepspeed", load_module_strict=False,
+                                       load_lr_scheduler_states=False)
+
+    def load_optimizer_state(self, state: dict | None) -> None:
+        if self.deepspeed:
+            return
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 

@@ -96,7 +96,7 @@ def trainer_config(recipe: Recipe):
     if recipe.algorithm == "dr_grpo":  # Dr. GRPO is both its advantage and its loss normaliser
         train.setdefault("loss_type", "dr_grpo")
     if recipe.dry_run:
-        from .base import distributed_state
+        from .distributed import distributed_state
 
         train.update(max_steps=1, prompts_per_step=distributed_state().num_processes, num_generations=2,
                      max_completion_length=16, save_steps=None, eval_steps=None, report_to=["none"],
@@ -204,7 +204,7 @@ def check_target_modules(model, section: dict) -> None:
 def build_trainer(recipe: Recipe):
     """The trainer a recipe describes. What can be checked without the model is checked first: the trainer settings,
     the adapter, the rewards, the output folder, the model's name, and the data."""
-    from .base import distributed_state
+    from .distributed import distributed_state
     from .grpo import GRPOTrainer
     from .spo_chain import SPOChainTrainer
 

@@ -62,6 +62,7 @@ class CheckpointingMixin:
         acc.wait_for_everyone()
         with ckpt.removed_on_failure(staging, what):
             ckpt.write_rank_state(staging, acc.process_index, self._rank_state())
+            learner.save_engine_state(staging)
         acc.wait_for_everyone()
         final = None
         if acc.is_main_process:
@@ -88,6 +89,7 @@ class CheckpointingMixin:
                              f"resume with the same number ({self.accelerator.num_processes} now)")
         self.learner.load_trainable_state(ckpt.read_trainable(path), path)
         self.learner.load_optimizer_state(state["optimizer"])
+        self.learner.load_engine_state(path)
         self.learner.scheduler.load_state_dict(state["scheduler"])
         self.step, self.data_epoch, self.data_position = state["step"], state["data_epoch"], state["data_position"]
         self.tokens_generated = state["tokens_generated"]
