@@ -110,19 +110,30 @@ def _metrics(out: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith(("timing/", "perf/"))} for r in rows]
 
 
-def test_ddp_cli_run_killed_and_resumed_matches_and_evaluates_after(tmp_path, tiny_model_dir):
-    """`accelerate launch ... -m spo.cli train` on 2 processes runs to the end with both evaluations (rc 0), and a
-    run killed after its step-2 checkpoint resumes to exactly the same metrics (per-rank buffer state included)."""
+@pytest.mark.parametrize("config", ["cpu_2proc.yaml", "fsdp2_cpu_2proc.yaml"], ids=["ddp", "fsdp2"])
+def test_cli_run_killed_and_resumed_matches_and_evaluates_after(tmp_path, tiny_model_dir, config):
+    """`accelerate launch ... -m spo.cli train` on 2 processes (DDP, or FSDP2 sharding the MoS pools) runs to the
+    end with both evaluations (rc 0) and saves an adapter PEFT loads; a run killed after its step-2 checkpoint
+    resumes to exactly the same metrics (per-rank buffer state included)."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     for out in (straight, killed):
         (tmp_path / f"{out.name}.yaml").write_text(TINY_RECIPE.format(model=tiny_model_dir, out=out))
     cli = ["-m", "spo.cli", "train"]
-    output = finish(launch("cpu_2proc.yaml", [*cli, str(tmp_path / "straight.yaml")]))
+    output = finish(launch(config, [*cli, str(tmp_path / "straight.yaml")]))
     summary = json.loads((straight / "summary.json").read_text())
     assert summary["steps"] == 4 and "eval_after" in summary and "eval_before" in summary, output[-3000:]
     assert "held-out accuracy after training" in output
+    import lora_shards  # noqa: F401  (registers MoS with PEFT)
+    from peft import PeftModel
 
-    process = launch("cpu_2proc.yaml", [*cli, str(tmp_path / "killed.yaml")])
+    from spo.models import load_model
+
+    adapted = PeftModel.from_pretrained(load_model(tiny_model_dir), straight / "adapter")
+    trained = load_file(str(straight / "checkpoint-4" / "trainable.safetensors"))
+    parameters = dict(adapted.named_parameters())
+    assert trained and all(torch.equal(parameters[name], value) for name, value in trained.items())
+
+    process = launch(config, [*cli, str(tmp_path / "killed.yaml")])
     deadline = time.time() + 600
     while not (killed / "checkpoint-2" / "COMPLETE").is_file():
         assert process.poll() is None and time.time() < deadline, process.stdout.read()[-3000:]
@@ -132,7 +143,7 @@ def test_ddp_cli_run_killed_and_resumed_matches_and_evaluates_after(tmp_path, ti
     assert not (killed / "adapter").exists()  # it really died before the end
     assert {p.name for p in (killed / "checkpoint-2").glob("rank_state_*.pt")} == {"rank_state_0.pt",
                                                                                     "rank_state_1.pt"}
-    output = finish(launch("cpu_2proc.yaml", [*cli, str(tmp_path / "killed.yaml"), "--resume"]))
+    output = finish(launch(config, [*cli, str(tmp_path / "killed.yaml"), "--resume"]))
     assert "resumed from" in output
     assert _metrics(killed) == _metrics(straight)
     assert json.loads((killed / "summary.json").read_text())["eval_after"] == summary["eval_after"]

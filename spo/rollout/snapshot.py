@@ -75,7 +75,7 @@ class PolicySnapshot:
         own_params = dict(self.model.named_parameters())
         # (snapshot parameter, live name) for trainable weights outside adapter layers; looked up by name at every
         # refresh, since FSDP replaces a module's parameters when it shards them
-        self._live = live
+        self._policy, self._live = policy, live
         self._trainable = []
         adapter_prefixes = tuple(adapter_prefixes)
         for name, param in live.named_parameters():
@@ -90,7 +90,7 @@ class PolicySnapshot:
     def refresh(self) -> nn.Module:
         """Copy the policy's current weights into the snapshot; returns the snapshot model. Under FSDP every
         process must call it (the shards are gathered)."""
-        with gathered(self._live):
+        with gathered(self._policy):
             for target, layer in self._adapter_layers:
                 target.weight.copy_(merged_weight(layer))
             for target, name in self._trainable:
