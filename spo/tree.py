@@ -8,7 +8,7 @@ that finishes early is a leaf. ``V(leaf) = reward``, ``V(node) = mean over its c
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -18,7 +18,8 @@ class TreeNode:
     prompt_index: int
     depth: int  # 0 = root (the bare prompt)
     tokens: list[int] = field(default_factory=list)  # this node's segment
-    logprobs: torch.Tensor | None = None
+    logprobs: torch.Tensor | None = None  # the model's (see spo.rollout.Rollout)
+    truncated_logprobs: torch.Tensor | None = None  # under the top-k / top-p truncated distribution sampled from
     text: str = ""
     finished: bool = False  # reached EOS / a stop string
     parent: "TreeNode | None" = None
@@ -42,6 +43,10 @@ class TreeNode:
         return "".join(n.text for n in reversed(nodes))
 
     @property
+    def behaviour_logprobs(self) -> torch.Tensor | None:
+        return self.logprobs if self.truncated_logprobs is None else self.truncated_logprobs
+
+    @property
     def is_leaf(self) -> bool:
         return not self.children
 
@@ -58,14 +63,17 @@ def grow_tree(generator, prompt_ids: list[list[int]], branching: list[int], segm
             break
         last = level == len(branching) - 1
         used = level * segment_length
-        params.max_new_tokens = (max_completion_length - used) if last else segment_length
+        # each level its own seed (the same seed would repeat the random draws of the level above); the caller's
+        # params are left as they were
+        level_params = replace(params, max_new_tokens=(max_completion_length - used) if last else segment_length,
+                               seed=None if params.seed is None else params.seed + 104_729 * level)
         states = [(prompt_ids[node.prompt_index], node.path_tokens()) for node in frontier]
-        batch = generator.continue_from(states, params, k=width)
+        batch = generator.continue_from(states, level_params, k=width)
         next_frontier = []
         for rollout in sorted(batch.rollouts, key=lambda r: r.prompt_index):
             parent = frontier[rollout.prompt_index]
             child = TreeNode(prompt_index=parent.prompt_index, depth=level + 1, tokens=list(rollout.completion_ids),
-                             logprobs=rollout.logprobs, text=rollout.text, finished=rollout.finish_reason == "stop",
+                             logprobs=rollout.logprobs, truncated_logprobs=rollout.truncated_logprobs, text=rollout.text, finished=rollout.finish_reason == "stop",
                              parent=parent)
             parent.children.append(child)
             stats["rollouts"] += 1

@@ -71,7 +71,14 @@ def worker(out_dir: str) -> None:
               "backend": accelerator.state.backend}
     with open(os.path.join(out_dir, f"rank{accelerator.process_index}.json"), "w") as f:
         json.dump(result, f)
-    accelerator.end_training()  # tears the process group down; gloo threads left at exit can abort the process
+    # Free DDP's reducer, which holds the process group, while both processes are still up and after a barrier:
+    # destroyed later (at exit, holding the GIL), gloo's destructor can wait forever for a worker thread that needs
+    # the GIL to free the last all-gather's tensor. spo's trainers do the same in RLTrainer.close().
+    accelerator.wait_for_everyone()
+    del ddp_model, optimizer
+    accelerator.free_memory()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 def free_port() -> int:
@@ -80,8 +87,6 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.mark.slow  # hung in a fresh-venv CI run (passes in the dev env); DDP with MoS stays covered in CI by
-# tests/test_trainer.py::test_two_cpu_processes_keep_identical_adapters
 def test_ddp_two_cpu_processes(tmp_path):
     # `accelerate launch --cpu --num_processes 2` starts a single process unless mpirun is installed (accelerate
     # 1.15); the multi-process launcher (torchrun) plus Accelerator(cpu=True) in the worker gives 2 CPU ranks on gloo.

@@ -228,3 +228,20 @@ def test_large_requests_run_in_chunks_with_the_same_greedy_output():
     assert [(r.prompt_index, r.completion_ids) for r in whole.rollouts] == \
         [(r.prompt_index, r.completion_ids) for r in chunked.rollouts]
     assert chunked.stats["rollouts"] == 14 and chunked.stats["peak_kv_bytes"] <= whole.stats["peak_kv_bytes"]
+
+
+def test_behaviour_logprobs_are_those_of_the_truncated_distribution():
+    """With top-k / top-p the sampler draws from a renormalised nucleus: its log-probs (the importance weights'
+    denominator) are taken there, while the model's own log-probs stay available for cutpoints and the mask."""
+    from spo.rollout.sampling import SamplingParams, sample
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(200, 1)
+    tokens, model, behaviour = sample(logits, SamplingParams(top_p=0.8), torch.Generator().manual_seed(0))
+    assert set(tokens.tolist()) <= {0, 1}  # the nucleus of 0.8 holds the first two tokens
+    expected = torch.log(torch.tensor([0.5, 0.3]) / 0.8)[tokens]
+    torch.testing.assert_close(behaviour, expected)
+    torch.testing.assert_close(model, torch.log(torch.tensor([0.5, 0.3]))[tokens])
+    tokens, model, behaviour = sample(logits, SamplingParams(top_k=1), None)
+    assert torch.equal(tokens, torch.zeros(200, dtype=torch.long)) and torch.allclose(behaviour, torch.zeros(200))
+    _, model, behaviour = sample(logits, SamplingParams(), None)
+    assert behaviour is model  # nothing truncated: one tensor

@@ -107,3 +107,27 @@ def test_unscored_leaves_stay_out_of_values_and_edges():
     assert unscored.value is None and skipped.value is None
     advantages = {id(child): a for child, a in edges(root)}
     assert advantages == pytest.approx({id(win): 0.5, id(loss): -0.5})
+
+
+def test_grow_tree_seeds_each_level_and_leaves_params_alone():
+    from spo.rollout import SamplingParams
+    from spo.tree import grow_tree
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def continue_from(self, states, params, k):
+            from spo.rollout.generator import Rollout, RolloutBatch
+
+            self.calls.append((params.seed, params.max_new_tokens))
+            return RolloutBatch([Rollout(list(p), [7, 8], "x", "length", torch.zeros(2), i)
+                                 for i, (p, _) in enumerate(states) for _ in range(k)])
+
+    params = SamplingParams(max_new_tokens=99, seed=11)
+    recorder = Recorder()
+    grow_tree(recorder, [[1, 2]], [2, 2, 2], segment_length=2, max_completion_length=10, params=params)
+    seeds = [seed for seed, _ in recorder.calls]
+    assert len(set(seeds)) == 3  # random draws differ from level to level
+    assert [n for _, n in recorder.calls] == [2, 2, 6]
+    assert params.seed == 11 and params.max_new_tokens == 99  # the caller's params are untouched

@@ -24,6 +24,13 @@ class Rollout:
     finish_reason: str  # "stop" (EOS or stop string) or "length"
     logprobs: torch.Tensor  # float32 [len(completion_ids)]: log softmax(logits / T) of the sampled tokens
     prompt_index: int  # index of the prompt (generate) or of the state (continue_from)
+    # float32 [len(completion_ids)]: log-probs under the distribution actually sampled from (after top-k / top-p
+    # truncation; the importance weights' denominator); None: nothing was truncated, the same as ``logprobs``
+    truncated_logprobs: torch.Tensor | None = None
+
+    @property
+    def behaviour_logprobs(self) -> torch.Tensor:
+        return self.logprobs if self.truncated_logprobs is None else self.truncated_logprobs
 
 
 @dataclass
@@ -230,13 +237,17 @@ class Generator:
             limit = torch.tensor(plan.limits, device=device).repeat_interleave(forks)
             tokens_out = torch.full((rows, longest_new), self.pad_id, dtype=torch.long, device=device)
             logprobs_out = torch.zeros(rows, longest_new, dtype=torch.float32, device=device)
+            truncates = not params.greedy and (params.top_p < 1 or params.top_k > 0)
+            behaviour_out = torch.zeros_like(logprobs_out) if truncates else None
             length_out = torch.zeros(rows, dtype=torch.long, device=device)
             stopped_out = torch.zeros(rows, dtype=torch.bool, device=device)
             by_string = torch.zeros(rows, dtype=torch.bool, device=device)
             for step in range(longest_new):
-                tokens, logprobs = sample(logits, params, generator)
+                tokens, logprobs, behaviour = sample(logits, params, generator)
                 tokens_out[seq_of_row, step] = tokens
                 logprobs_out[seq_of_row, step] = logprobs
+                if behaviour_out is not None:
+                    behaviour_out[seq_of_row, step] = behaviour
                 hit_eos = torch.isin(tokens, eos)
                 hit_string = (stops.hits(tokens_out[seq_of_row], step + 1).to(device) if stops
                               else torch.zeros_like(hit_eos))
@@ -263,9 +274,11 @@ class Generator:
         stats["full_kv_bytes"] = rows * (width + int(length_out.max())) * self.num_layers * cache.bytes_per_token
         stats["allocated_kv_bytes"] = cache.allocated_bytes
         stats["kv_budget_tokens"] = budget
-        return self._collect(plan, k, stops, tokens_out, logprobs_out, length_out, stopped_out, by_string)
+        return self._collect(plan, k, stops, tokens_out, logprobs_out, behaviour_out, length_out, stopped_out,
+                             by_string)
 
-    def _collect(self, plan, k, stops, tokens_out, logprobs_out, length_out, stopped_out, by_string) -> list[Rollout]:
+    def _collect(self, plan, k, stops, tokens_out, logprobs_out, behaviour_out, length_out, stopped_out,
+                 by_string) -> list[Rollout]:
         owners = [(prefix, state) for prefix, states in enumerate(plan.owners) for state in states for _ in range(k)]
         tokens_list, lengths = tokens_out.tolist(), length_out.tolist()
         rollouts = []
@@ -276,5 +289,6 @@ class Generator:
                 text = stops.truncate(text)
             reason = "stop" if stopped_out[row] else "length"
             logprobs = logprobs_out[row, : lengths[row]].cpu()
-            rollouts.append(Rollout(list(plan.prompts[prefix]), ids, text, reason, logprobs, state))
+            truncated = behaviour_out[row, : lengths[row]].cpu() if behaviour_out is not None else None
+            rollouts.append(Rollout(list(plan.prompts[prefix]), ids, text, reason, logprobs, state, truncated))
         return rollouts

@@ -66,13 +66,18 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
 
 
 def sample(logits: torch.Tensor, params: SamplingParams,
-           generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next tokens [R] and their behaviour log-probs [R]: log softmax(logits / T)[token], with T the sampling
-    temperature (1 for greedy), before any top-k / top-p filtering."""
+           generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Next tokens [R], their model log-probs [R] (log softmax(logits / T)[token], T the sampling temperature, 1
+    for greedy) and their behaviour log-probs [R]: under the distribution the token was drawn from, after top-k /
+    top-p truncation (the same tensor as the model log-probs when nothing is truncated, and for greedy)."""
     scaled = logits.float() / params.logprob_temperature
     if params.greedy:
         tokens = scaled.argmax(-1)
+        filtered = scaled
     else:
-        tokens = draw(filter_logits(scaled, params.top_k, params.top_p).softmax(-1), generator)
-    logprobs = scaled.gather(1, tokens[:, None]).squeeze(1) - scaled.logsumexp(-1)
-    return tokens, logprobs
+        filtered = filter_logits(scaled, params.top_k, params.top_p)
+        tokens = draw(filtered.softmax(-1), generator)
+    model = scaled.gather(1, tokens[:, None]).squeeze(1) - scaled.logsumexp(-1)
+    if filtered is scaled:
+        return tokens, model, model
+    return tokens, model, filtered.gather(1, tokens[:, None]).squeeze(1) - filtered.logsumexp(-1)

@@ -9,7 +9,7 @@ import torch
 from ..advantages import dr_grpo_advantages, grpo_advantages, rloo_advantages
 from .base import RLTrainer
 from .config import GRPOConfig
-from .samples import Sample
+from .samples import Sample, sampled_logprobs
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, estimator: str, scale_rewards: bool = True
@@ -50,7 +50,7 @@ class GRPOTrainer(RLTrainer):
                 continue
             samples.append(Sample(
                 prompt_ids=rollout.prompt_ids, completion_ids=rollout.completion_ids,
-                behaviour_logprobs=rollout.logprobs, reward=reward, step=step, dataset_row=rows[rollout.prompt_index],
+                **sampled_logprobs(rollout), reward=reward, step=step, dataset_row=rows[rollout.prompt_index],
                 advantages=torch.full((len(rollout.completion_ids),), advantage),
                 truncated=rollout.finish_reason == "length"))
         self._metric("spo/mean_abs_advantage", float(advantages.nan_to_num().abs().mean()))

@@ -81,7 +81,7 @@ class Learner:
         import gc
 
         self.model = self.unwrapped
-        self.accelerator._models.clear()
+        self.accelerator.free_memory()  # drops accelerate's references to the wrapper (and collects)
         gc.collect()
 
     # --- set-up ----------------------------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ from ..loss import probability_mask
 class Sample:
     """One (query, response) pair to train on.
 
-    ``behaviour_logprobs`` come from the sampler (possibly a compressed KV cache or a bf16 copy); ``old_logprobs``
+    ``behaviour_logprobs`` come from the sampler (possibly a compressed KV cache or a bf16 copy), under the
+    distribution it drew from (top-k / top-p truncation included); ``old_logprobs``
     are set for replayed samples, whose behaviour policy is an earlier one; both under logits / temperature.
     """
 
@@ -33,6 +34,13 @@ class Sample:
     dataset_row: int = 0  # the training data set row whose prompt it answers
     old_logprobs: torch.Tensor | None = None  # [T]
     truncated: bool = False
+    # [T] the model's own log-probs of the tokens (no top-k / top-p truncation), for the probability mask; None:
+    # the same as behaviour_logprobs (nothing was truncated)
+    model_logprobs: torch.Tensor | None = None
+
+    @property
+    def token_logprobs(self) -> torch.Tensor:
+        return self.behaviour_logprobs if self.model_logprobs is None else self.model_logprobs
 
     def to_state(self) -> dict:
         """Plain dict of lists/tensors/numbers (safe for ``torch.load(weights_only=True)``)."""
@@ -41,6 +49,13 @@ class Sample:
     @classmethod
     def from_state(cls, state: dict) -> "Sample":
         return cls(**state)
+
+
+def sampled_logprobs(sampled) -> dict:
+    """``Sample`` log-prob fields of a rollout (or tree node): its behaviour log-probs, and the model's own where
+    the sampler truncated the distribution."""
+    model = sampled.logprobs if sampled.truncated_logprobs is not None else None
+    return {"behaviour_logprobs": sampled.behaviour_logprobs, "model_logprobs": model}
 
 
 @dataclass
@@ -62,7 +77,7 @@ class TrainBatch:
 def loss_mask(sample: Sample, use_probability_mask: bool, threshold: float, mask_truncated: bool) -> torch.Tensor:
     mask = torch.ones(len(sample.completion_ids), dtype=torch.bool)
     if use_probability_mask:
-        mask = probability_mask(mask, sample.behaviour_logprobs.float().exp(), threshold)
+        mask = probability_mask(mask, sample.token_logprobs.float().exp(), threshold)
     if mask_truncated and sample.truncated:
         mask = torch.zeros_like(mask)
     return mask

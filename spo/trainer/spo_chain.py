@@ -18,7 +18,7 @@ import torch
 from ..segments import cutpoint_boundaries, fixed_boundaries, newline_boundaries, segment_advantages
 from .base import RLTrainer
 from .config import SPOChainConfig
-from .samples import Sample
+from .samples import Sample, sampled_logprobs
 
 
 def thin_boundaries(boundaries: list[torch.Tensor], cap: int, count=None,
@@ -144,7 +144,7 @@ class SPOChainTrainer(RLTrainer):
             advantages = segment_advantages(cuts, state_values, reward, len(rollout.completion_ids))
             abs_advantages.append(advantages.abs().mean().item())
             samples.append(Sample(prompt_ids=rollout.prompt_ids, completion_ids=rollout.completion_ids,
-                                  behaviour_logprobs=rollout.logprobs, advantages=advantages, reward=reward,
+                                  **sampled_logprobs(rollout), advantages=advantages, reward=reward,
                                   step=step, dataset_row=rows[rollout.prompt_index],
                                   truncated=rollout.finish_reason == "length"))
         self._metric("spo/num_segments", sum(b.numel() for b in boundaries) / max(1, len(boundaries)))

@@ -12,7 +12,7 @@ import torch
 from ..tree import edges, grow_tree, hierarchical_values, leaves
 from .base import RLTrainer
 from .config import SPOTreeConfig
-from .samples import Sample
+from .samples import Sample, sampled_logprobs
 
 
 class SPOTreeTrainer(RLTrainer):
@@ -55,7 +55,7 @@ class SPOTreeTrainer(RLTrainer):
     def _edge_sample(self, rows, child, advantage: float, step: int) -> Sample:
         parent_tokens = child.parent.path_tokens()
         return Sample(prompt_ids=self.prompt_ids[rows[child.prompt_index]] + parent_tokens,
-                      completion_ids=child.tokens, behaviour_logprobs=child.logprobs,
+                      completion_ids=child.tokens, **sampled_logprobs(child),
                       advantages=torch.full((len(child.tokens),), float(advantage)), reward=float(child.value),
                       step=step, dataset_row=rows[child.prompt_index],
                       truncated=not child.finished and child.depth == len(self.args.branching))
