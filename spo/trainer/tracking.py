@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -101,6 +102,85 @@ class MetricsLog:
         figure.savefig(path, dpi=110)
         plt.close(figure)
         return path
+
+
+class TrackingMixin:
+    """Step metrics (declared keys, reduced over processes), the local logs and accelerate's trackers, for
+    ``RLTrainer``."""
+
+    def _metric(self, key: str, value: float) -> None:
+        self._metrics[key] = float(value)
+
+    def count_generated(self, rollouts) -> None:
+        """Add sampled tokens to this step's count (the budget of ``max_generated_tokens``)."""
+        self._metrics["tokens/step"] = self._metrics.get("tokens/step", 0.0) + sum(len(r.completion_ids) for r in rollouts)
+
+    def record_rollout_metrics(self, rewards: torch.Tensor, rollouts, group_ids: list[int], stats: dict) -> None:
+        valid = rewards[~torch.isnan(rewards)]
+        self._metric("reward", valid.mean().item() if valid.numel() else float("nan"))
+        self._metric("reward_std", valid.std().item() if valid.numel() > 1 else 0.0)
+        groups: dict[int, list[float]] = {}
+        for g, r in zip(group_ids, rewards.tolist()):
+            if not math.isnan(r):
+                groups.setdefault(g, []).append(r)
+        zero_std = [max(v) - min(v) < 1e-9 for v in groups.values()]
+        self._metric("frac_reward_zero_std", sum(zero_std) / max(1, len(zero_std)))
+        lengths = [len(r.completion_ids) for r in rollouts]
+        self._metric("completions/mean_length", sum(lengths) / max(1, len(lengths)))
+        self._metric("completions/max_length", float(max(lengths, default=0)))
+        self._metric("completions/clipped_ratio",
+                     sum(r.finish_reason == "length" for r in rollouts) / max(1, len(rollouts)))
+        for key in ("peak_kv_bytes", "full_kv_bytes"):
+            if key in stats:
+                self._metric(f"kv/{key}", float(stats[key]))
+        if stats.get("full_kv_bytes"):
+            self._metric("kv/peak_fraction", stats.get("peak_kv_bytes", 0) / stats["full_kv_bytes"])
+        self._completions = [{"prompt": self.tokenizer.decode(r.prompt_ids, skip_special_tokens=False)[-300:],
+                              "completion": r.text, "reward": float(x)} for r, x in zip(rollouts, rewards.tolist())]
+
+    def _log(self) -> None:
+        metrics = reduce_metrics(self._metrics, self.metric_keys, self._sum_over_processes)
+        if metrics.get("timing/step"):  # sampled tokens of all processes per second of the step
+            metrics["perf/tokens_per_second"] = (metrics.get("tokens/step", 0.0) * self.accelerator.num_processes
+                                                 / metrics["timing/step"])
+        metrics["epoch"] = self.data_epoch + self.data_position / max(1, len(self.train_dataset))
+        self.accelerator.log(metrics, step=self.step)
+        if self.accelerator.is_main_process:
+            self.metrics_log.write(self.step, metrics)
+            if self.args.log_completions:
+                completions = getattr(self, "_completions", [])
+                self.metrics_log.write_completions(self.step, completions)
+                self._log_completions_table(completions)
+            self.metrics_log.plot()
+            logger.info("step %d/%d reward %.3f loss %.4f %.1f s/step %.0f tokens/s", self.step, self.args.max_steps,
+                        metrics.get("reward", float("nan")), metrics.get("loss", float("nan")),
+                        metrics.get("timing/step", float("nan")), metrics.get("perf/tokens_per_second", float("nan")))
+
+    def _log_completions_table(self, completions: list[dict]) -> None:
+        if not completions or "wandb" not in self.args.report_to:
+            return
+        try:
+            import wandb
+
+            tracker = self.accelerator.get_tracker("wandb", unwrap=True)
+            table = wandb.Table(columns=["step", "prompt", "completion", "reward"],
+                                data=[[self.step, c["prompt"], c["completion"], c["reward"]] for c in completions])
+            tracker.log({"completions": table}, step=self.step)
+        except (ImportError, ValueError, AttributeError) as error:  # a tracker problem must not stop training
+            logger.warning("could not log the completions table: %s", error)
+
+    def _start_trackers(self) -> None:
+        if self._trackers_started or not self.accelerator.log_with:
+            return
+        if "wandb" in self.args.report_to:
+            os.environ.setdefault("WANDB_MODE", wandb_mode())
+            os.environ.setdefault("WANDB_DIR", str(self.output_dir))
+        config = {k: v for k, v in asdict(self.args).items() if isinstance(v, (int, float, str, bool, type(None)))}
+        config["algorithm"] = self.algorithm
+        self.accelerator.init_trackers(
+            "spo", config=config,
+            init_kwargs={"wandb": {"name": self.args.run_name or self.output_dir.name, "dir": str(self.output_dir)}})
+        self._trackers_started = True
 
 
 def _read_lines(path: Path) -> list[tuple[str, dict]]:
