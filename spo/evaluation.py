@@ -148,10 +148,10 @@ def evaluate(model, tokenizer, dataset, reward_funcs, *, num_samples: int = 1, t
             rows = dataset.select(range(begin, min(begin + prompts_per_batch, len(dataset))))
             prompt_ids = all_prompt_ids[begin:begin + len(rows)]
             batch = generator.generate(prompt_ids, params, num_return_sequences=num_samples)
-            order = sorted(range(len(batch.rollouts)), key=lambda i: batch.rollouts[i].prompt_index)
+            order = sorted(range(len(batch.rollouts)), key=lambda i: batch.rollouts[i].input_index)
             rollouts = [batch.rollouts[i] for i in order]
             texts = [r.text for r in rollouts]
-            indices = [r.prompt_index for r in rollouts]
+            indices = [r.input_index for r in rollouts]
             scores = compute_rewards(
                 funcs, prompts=[rows["prompt"][i] for i in indices], completions=texts,
                 completion_ids=[r.completion_ids for r in rollouts],
@@ -165,8 +165,8 @@ def evaluate(model, tokenizer, dataset, reward_funcs, *, num_samples: int = 1, t
             tokens += sum(len(r.completion_ids) for r in rollouts)
             if sink:
                 for j, r in enumerate(rollouts):
-                    record = {"problem": begin + r.prompt_index, "prompt": rows["prompt"][r.prompt_index],
-                              **{c: rows[c][r.prompt_index] for c in columns}, "completion": texts[j],
+                    record = {"problem": begin + r.input_index, "prompt": rows["prompt"][r.input_index],
+                              **{c: rows[c][r.input_index] for c in columns}, "completion": texts[j],
                               "finish_reason": r.finish_reason, "num_tokens": len(r.completion_ids),
                               "rewards": dict(zip(scores.names, scores.per_function[j].tolist())),
                               "accuracy": accuracy[j]}

@@ -70,8 +70,8 @@ def grow_tree(generator, prompt_ids: list[list[int]], branching: list[int], segm
         states = [(prompt_ids[node.prompt_index], node.path_tokens()) for node in frontier]
         batch = generator.continue_from(states, level_params, k=width)
         next_frontier = []
-        for rollout in sorted(batch.rollouts, key=lambda r: r.prompt_index):
-            parent = frontier[rollout.prompt_index]
+        for rollout in sorted(batch.rollouts, key=lambda r: r.input_index):
+            parent = frontier[rollout.input_index]
             child = TreeNode(prompt_index=parent.prompt_index, depth=level + 1, tokens=list(rollout.completion_ids),
                              logprobs=rollout.logprobs, truncated_logprobs=rollout.truncated_logprobs, text=rollout.text, finished=rollout.finish_reason == "stop",
                              parent=parent)

@@ -122,7 +122,18 @@ def _defaults(tree):
             yield from ((a.arg, d) for a, d in zip(positional[::-1], node.args.defaults[::-1]))
             yield from ((a.arg, d) for a, d in zip(node.args.kwonlyargs, node.args.kw_defaults) if d is not None)
         elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
-            yield node.target.id, node.value
+            yield node.target.id, _field_default(node.value)
+
+
+def _field_default(value):
+    """The default inside a dataclass field helper (``field(default=X, ...)``, ``_f(X, "help")``), else the value."""
+    if isinstance(value, ast.Call) and ast.unparse(value.func) in ("field", "dataclasses.field", "_f"):
+        keywords = {k.arg: k.value for k in value.keywords}
+        if "default" in keywords:
+            return keywords["default"]
+        if value.args:
+            return value.args[0]
+    return value
 
 
 def test_loading_never_unpickles_or_runs_remote_code_by_default():

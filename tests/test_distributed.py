@@ -4,6 +4,7 @@ resume, evaluation after training, and FSDP2."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -178,3 +179,26 @@ def test_two_processes_train_what_one_process_trains_and_resume_exactly(tmp_path
     assert report["grad_norm"] == pytest.approx(single_report["grad_norm"], rel=1e-4)  # of the whole batch
     assert report["third_update_moved"] > 1e-4  # the update after the reload trains
     assert report["resume_error"] < 1e-6
+
+
+@pytest.mark.parametrize("config", ["deepspeed_zero2_cpu_2proc.yaml", "deepspeed_zero3_cpu_2proc.yaml"],
+                         ids=["zero2", "zero3"])
+def test_deepspeed_cli_run_evaluates_after_and_resumes_exactly(tmp_path, tiny_model_dir, config):
+    """DeepSpeed ZeRO-2/3 (its CPU accelerator, gloo) through the CLI: micro-batch size, accumulation and clipping
+    filled from the recipe, rollouts from a gathered copy under ZeRO-3, both evaluations, the engine's checkpoint;
+    resuming from the step-2 checkpoint gives the uninterrupted run's metrics."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed)")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(TINY_RECIPE.format(model=tiny_model_dir, out=straight))
+    cli = ["-m", "spo.cli", "train", str(recipe)]
+    output = finish(launch(config, cli))
+    assert json.loads((straight / "summary.json").read_text())["steps"] == 4, output[-3000:]
+    assert (straight / "checkpoint-2" / "deepspeed").is_dir() and (straight / "adapter").is_dir()
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    first_rows = (straight / "metrics.jsonl").read_text().splitlines()[:2]
+    (resumed / "metrics.jsonl").write_text("".join(line + "\n" for line in first_rows))
+    output = finish(launch(config, [*cli, "--train.output_dir", str(resumed), "--resume"]))
+    assert "resumed from" in output
+    assert _metrics(resumed) == _metrics(straight)

@@ -78,8 +78,8 @@ def test_forked_continuations_equal_generating_from_the_concatenation():
     assert batch.stats["prefill_tokens"] < batch.stats["prefill_tokens_unshared"]
     direct = generator.generate([p + c for p, c in states], GREEDY)
     for r in batch.rollouts:
-        assert r.completion_ids == direct.rollouts[r.prompt_index].completion_ids
-        assert r.prompt_ids == states[r.prompt_index][0]
+        assert r.completion_ids == direct.rollouts[r.input_index].completion_ids
+        assert r.prompt_ids == states[r.input_index][0]
     unshared = generator.continue_from(states, GREEDY, k=3, share_prefixes=False)
     assert [r.completion_ids for r in unshared.rollouts] == [r.completion_ids for r in batch.rollouts]
 
@@ -92,8 +92,8 @@ def test_rows_finishing_at_different_steps_leave_the_batch_without_changing_the_
     lengths = [len(r.completion_ids) for r in batch.rollouts]
     assert lengths == [min(20, 14 - i) for i in range(len(states))]
     for r in batch.rollouts:
-        alone = generator.generate([r.prompt_ids + states[r.prompt_index][1]],
-                                   SamplingParams(max_new_tokens=lengths[r.prompt_index], greedy=True))
+        alone = generator.generate([r.prompt_ids + states[r.input_index][1]],
+                                   SamplingParams(max_new_tokens=lengths[r.input_index], greedy=True))
         assert alone.rollouts[0].completion_ids == r.completion_ids
         torch.testing.assert_close(alone.rollouts[0].logprobs, r.logprobs, atol=1e-5, rtol=0)
 
@@ -163,7 +163,7 @@ def test_sampling_is_reproducible_and_respects_top_k():
     a = generator.generate(PROMPTS, params, num_return_sequences=2)
     b = generator.generate(PROMPTS, params, num_return_sequences=2)
     assert [r.completion_ids for r in a.rollouts] == [r.completion_ids for r in b.rollouts]
-    assert [r.prompt_index for r in a.rollouts] == [0, 0, 1, 1, 2, 2]
+    assert [r.input_index for r in a.rollouts] == [0, 0, 1, 1, 2, 2]
     c = generator.generate(PROMPTS, SamplingParams(max_new_tokens=8, temperature=1.3, top_k=3, seed=12), 2)
     assert [r.completion_ids for r in a.rollouts] != [r.completion_ids for r in c.rollouts]
 
@@ -225,8 +225,8 @@ def test_large_requests_run_in_chunks_with_the_same_greedy_output():
     params = SamplingParams(max_new_tokens=6, greedy=True)
     whole = Generator(model, tokenizer).continue_from(states, params, k=2)
     chunked = Generator(model, tokenizer, max_batch_rows=4).continue_from(states, params, k=2)
-    assert [(r.prompt_index, r.completion_ids) for r in whole.rollouts] == \
-        [(r.prompt_index, r.completion_ids) for r in chunked.rollouts]
+    assert [(r.input_index, r.completion_ids) for r in whole.rollouts] == \
+        [(r.input_index, r.completion_ids) for r in chunked.rollouts]
     assert chunked.stats["rollouts"] == 14 and chunked.stats["peak_kv_bytes"] <= whole.stats["peak_kv_bytes"]
 
 

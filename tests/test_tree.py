@@ -76,8 +76,8 @@ def test_mc_cost_cap_counts_distinct_states():
     from spo.trainer.spo_chain import state_key
 
     # two rollouts of one prompt share the bare-prompt state (-1): it is valued once
-    rollouts = [SimpleNamespace(prompt_index=0, prompt_ids=[1], completion_ids=[5, 6, 7, 8]),
-                SimpleNamespace(prompt_index=0, prompt_ids=[1], completion_ids=[5, 9, 9, 9])]
+    rollouts = [SimpleNamespace(input_index=0, prompt_ids=[1], completion_ids=[5, 6, 7, 8]),
+                SimpleNamespace(input_index=0, prompt_ids=[1], completion_ids=[5, 9, 9, 9])]
     lists = [torch.tensor([-1, 0, 2]), torch.tensor([-1, 0, 1])]
 
     def count(ls):

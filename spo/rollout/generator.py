@@ -23,7 +23,7 @@ class Rollout:
     text: str  # decoded completion (special tokens skipped), cut before a stop string
     finish_reason: str  # "stop" (EOS or stop string) or "length"
     logprobs: torch.Tensor  # float32 [len(completion_ids)]: log softmax(logits / T) of the sampled tokens
-    prompt_index: int  # index of the prompt (generate) or of the state (continue_from)
+    input_index: int  # which input of the call it answers: a prompt of generate(), a state of continue_from()
     # float32 [len(completion_ids)]: log-probs under the distribution actually sampled from (after top-k / top-p
     # truncation; the importance weights' denominator); None: nothing was truncated, the same as ``logprobs``
     truncated_logprobs: torch.Tensor | None = None
@@ -106,7 +106,7 @@ class Generator:
             part = self._continue_chunk(states[begin:begin + per_chunk], chunk_params, k, max_total_new_tokens,
                                         share_prefixes)
             for rollout in part.rollouts:
-                rollout.prompt_index += begin
+                rollout.input_index += begin
             rollouts += part.rollouts
             for key, value in part.stats.items():
                 if key in _SUMMED_STATS:
@@ -130,7 +130,7 @@ class Generator:
                  "allocated_kv_bytes": 0, "kv_policy": self.policy.name}
         if plan.prompts:
             rollouts += self._run(plan, params, k, stats)
-        rollouts.sort(key=lambda r: r.prompt_index)
+        rollouts.sort(key=lambda r: r.input_index)
         stats["rollouts"] = len(rollouts)
         stats["seconds"] = time.perf_counter() - started
         stats["tokens_per_second"] = stats["tokens_generated"] / max(stats["seconds"], 1e-9)

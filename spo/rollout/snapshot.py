@@ -100,9 +100,17 @@ class PolicySnapshot:
 
 @contextlib.contextmanager
 def gathered(model: nn.Module):
-    """Whole (unsharded) parameters inside the block when ``model`` is sharded by FSDP2; a no-op otherwise."""
+    """Whole parameters inside the block when ``model`` is sharded by FSDP2 or partitioned by DeepSpeed ZeRO-3 (a
+    collective: every process enters it); a no-op otherwise."""
     from torch.distributed.fsdp import FSDPModule
 
+    partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if partitioned:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(partitioned):
+            yield
+        return
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for unit in units:
         unit.unshard()

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import set_seed
 
 from rewards import compute_rewards, get_reward, reward_name
 
@@ -26,7 +26,7 @@ from ..data import tokenize_dataset
 from ..models import ensure_pad_token, load_model, load_tokenizer, setup_cpu_math
 from . import checkpoint as ckpt
 from .config import GRPOConfig, check_fits_model, prompt_limit
-from .distributed import make_accelerator
+from .distributed import make_accelerator, shards_weights
 from .learner import LEARNER_METRICS, Learner
 from .samples import Sample, TrainBatch, train_batch
 from .state import CheckpointingMixin
@@ -97,7 +97,7 @@ class RLTrainer(CheckpointingMixin, TrackingMixin):
         from ..rollout.snapshot import PolicySnapshot
 
         rollout_dtype = args.rollout_dtype
-        if rollout_dtype is None and self.accelerator.distributed_type == DistributedType.FSDP:
+        if rollout_dtype is None and shards_weights(self.accelerator):
             # sharded weights are gathered by collectives inside every forward, and processes decode different
             # numbers of steps: they sample (and evaluate) from a gathered copy instead
             rollout_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
@@ -204,11 +204,11 @@ class RLTrainer(CheckpointingMixin, TrackingMixin):
         metrics recorded)."""
         batch = self.generator.generate([self.prompt_ids[i] for i in rows], self.sampling_params(step),
                                         num_return_sequences=self.args.num_generations)
-        rollouts = sorted(batch.rollouts, key=lambda r: r.prompt_index)
+        rollouts = sorted(batch.rollouts, key=lambda r: r.input_index)
         self.count_generated(rollouts)
-        rewards = self.score_completions([rows[r.prompt_index] for r in rollouts], [r.text for r in rollouts],
+        rewards = self.score_completions([rows[r.input_index] for r in rollouts], [r.text for r in rollouts],
                                          [r.completion_ids for r in rollouts])
-        self.record_rollout_metrics(rewards, rollouts, [r.prompt_index for r in rollouts], batch.stats)
+        self.record_rollout_metrics(rewards, rollouts, [r.input_index for r in rollouts], batch.stats)
         return rollouts, rewards
 
     # --- the algorithm's part --------------------------------------------------------------------------------------
@@ -338,7 +338,7 @@ class RLTrainer(CheckpointingMixin, TrackingMixin):
         was_training = self.unwrapped.training
         self.unwrapped.eval()
         model = self.unwrapped
-        if self.learner.fsdp:  # sharded weights: decode with the gathered copy (see __init__)
+        if self.learner.shards_weights:  # sharded weights: decode with the gathered copy (see __init__)
             model = self.snapshot.refresh()
         if self._eval_generator is None:  # held-out accuracy is measured with the full cache
             from ..rollout import Generator

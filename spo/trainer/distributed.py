@@ -3,7 +3,7 @@
 accelerate starts several CPU processes only under its ``MULTI_GPU`` launcher type, and ``Accelerator(cpu=True)``
 then gives plain data parallelism: it silently drops an FSDP config. On a machine without a GPU the FSDP plugin
 the launcher asked for (its ``FSDP_*`` environment) is put back, so FSDP2 runs on CPU processes over gloo, as the
-tests do. DeepSpeed needs CUDA GPUs in this toolkit and is refused on a CPU machine.
+tests do. DeepSpeed runs on CPU processes through its CPU accelerator over gloo.
 """
 
 from __future__ import annotations
@@ -39,8 +39,14 @@ def make_accelerator(**kwargs):
     if not use_cpu():
         return Accelerator(**kwargs)
     if launcher_wants_deepspeed():
-        raise RuntimeError("this accelerate config uses DeepSpeed, which needs CUDA GPUs; none was found. On a CPU "
-                           "use recipes/accelerate/cpu_2proc.yaml (DDP) or fsdp2_cpu_2proc.yaml (FSDP2)")
+        # DeepSpeed's CPU accelerator over gloo; cpu=True would switch DeepSpeed off, and without a backend named
+        # accelerate would see one process while torch.distributed sees several
+        from accelerate.utils import InitProcessGroupKwargs
+
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")], **kwargs)
+        warn_if_gpu_launch_on_cpu(accelerator)
+        return accelerator
     accelerator = Accelerator(cpu=True, **kwargs)
     if launcher_wants_fsdp() and accelerator.num_processes > 1:
         from accelerate.state import AcceleratorState, PartialState
@@ -67,6 +73,17 @@ def allow_precision_change(mixed_precision: str | None) -> None:
         mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if state and state.get("_mixed_precision") != mixed_precision and state.get("num_processes", 1) == 1:
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def shards_weights(accelerator) -> bool:
+    """Whether each process holds only a shard of the weights (FSDP, DeepSpeed ZeRO-3)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.state.deepspeed_plugin.zero_stage == 3
+    return False
 
 
 def warn_if_gpu_launch_on_cpu(accelerator) -> None:

@@ -21,6 +21,7 @@ import torch
 from accelerate.utils import DistributedType
 
 from ..loss import policy_loss
+from .distributed import shards_weights
 from .logprobs import completion_logprobs
 from .samples import Batch, TrainBatch, collate, pad_rows
 
@@ -49,6 +50,7 @@ class Learner:
         self.uses_adapters = uses_adapters
         self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
         self.fsdp = accelerator.distributed_type == DistributedType.FSDP
+        self.shards_weights = shards_weights(accelerator)
         if self.fsdp and not accelerator.is_fsdp2:
             raise ValueError("FSDP1 is not supported: set fsdp_version: 2 in the accelerate config")
         self.reference = None
@@ -312,6 +314,8 @@ class Learner:
             missing, unexpected = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
             raise ValueError(f"checkpoint {source} does not match the model: missing {missing}, unexpected "
                              f"{unexpected}")
+        if self.deepspeed:  # the engine's own checkpoint restores the weights with the optimizer (load_engine_state)
+            return
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 

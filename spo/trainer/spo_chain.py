@@ -52,7 +52,7 @@ def group_mean_rewards(rewards: torch.Tensor, groups: list[int]) -> torch.Tensor
 
 def state_key(rollout, cut: int) -> tuple:
     """Identity of the state "prompt + response[0..cut]": equal keys are valued once."""
-    return rollout.prompt_index, tuple(rollout.prompt_ids), tuple(rollout.completion_ids[:cut + 1])
+    return rollout.input_index, tuple(rollout.prompt_ids), tuple(rollout.completion_ids[:cut + 1])
 
 
 class SPOChainTrainer(RLTrainer):
@@ -97,16 +97,16 @@ class SPOChainTrainer(RLTrainer):
                                              share_prefixes=self.args.mc_share_prefixes)
         self.count_generated(batch.rollouts)
         prefix_text = [self.tokenizer.decode(list(c), skip_special_tokens=True) for _, _, c in ordered]
-        continuation_rows = [rows[ordered[r.prompt_index][0]] for r in batch.rollouts]
-        texts = [prefix_text[r.prompt_index] + r.text for r in batch.rollouts]
-        ids = [list(ordered[r.prompt_index][2]) + r.completion_ids for r in batch.rollouts]
+        continuation_rows = [rows[ordered[r.input_index][0]] for r in batch.rollouts]
+        texts = [prefix_text[r.input_index] + r.text for r in batch.rollouts]
+        ids = [list(ordered[r.input_index][2]) + r.completion_ids for r in batch.rollouts]
         rewards = self.score_completions(continuation_rows, texts, ids, record=False)
         sums = torch.zeros(len(ordered))
         counts = torch.zeros(len(ordered))
         for r, reward in zip(batch.rollouts, rewards.tolist()):
             if not math.isnan(reward):
-                sums[r.prompt_index] += reward
-                counts[r.prompt_index] += 1
+                sums[r.input_index] += reward
+                counts[r.input_index] += 1
         values = sums / counts.clamp(min=1)
         self._metric("spo/mc_rollouts", float(len(batch.rollouts)))
         self._metric("spo/mc_states", float(len(ordered)))
@@ -133,7 +133,7 @@ class SPOChainTrainer(RLTrainer):
         values = self.state_values(rows, rollouts, boundaries, step)
         self._metric("timing/monte_carlo", time.perf_counter() - started)
         if self.args.group_prompt_value:
-            prompt_values = group_mean_rewards(rewards, [r.prompt_index for r in rollouts])
+            prompt_values = group_mean_rewards(rewards, [r.input_index for r in rollouts])
             boundaries = [torch.cat([torch.tensor([-1]), b]) for b in boundaries]
             values = [torch.cat([prompt_values[i:i + 1], v.float()]) for i, v in enumerate(values)]
         samples = []
@@ -145,7 +145,7 @@ class SPOChainTrainer(RLTrainer):
             abs_advantages.append(advantages.abs().mean().item())
             samples.append(Sample(prompt_ids=rollout.prompt_ids, completion_ids=rollout.completion_ids,
                                   **sampled_logprobs(rollout), advantages=advantages, reward=reward,
-                                  step=step, dataset_row=rows[rollout.prompt_index],
+                                  step=step, dataset_row=rows[rollout.input_index],
                                   truncated=rollout.finish_reason == "length"))
         self._metric("spo/num_segments", sum(b.numel() for b in boundaries) / max(1, len(boundaries)))
         self._metric("spo/mean_abs_advantage", sum(abs_advantages) / max(1, len(abs_advantages)))
