@@ -154,3 +154,20 @@ def test_loading_never_unpickles_or_runs_remote_code_by_default():
                 remote_code_defaults += 1
                 assert ast.unparse(default) == "False", f"{path}:{default.lineno} trust_remote_code defaults to on"
     assert loads >= 1 and remote_code_defaults >= 3  # checkpoint loading; load_model, load_tokenizer, Recipe
+
+
+@pytest.mark.parametrize("damaged", ["trainable.safetensors", "trainer_state.pt"])
+def test_a_damaged_newest_checkpoint_is_named_and_the_previous_one_used(tmp_path, caplog, damaged):
+    for step in (1, 2):
+        staging = ckpt.staging_dir(tmp_path, step)
+        staging.mkdir()
+        ckpt.write_model_part(staging, torch.nn.Linear(2, 3))
+        ckpt.write_rank_state(staging, 0, {"rng": torch.get_rng_state()})
+        ckpt.finalize(staging, tmp_path, step, {"step": step}, keep=None)
+    file = tmp_path / "checkpoint-2" / damaged
+    file.write_bytes(file.read_bytes()[:40])  # cut short, as a full disk or a kill during a copy leaves it
+    with caplog.at_level("WARNING"):
+        assert ckpt.resolve(tmp_path, "latest") == tmp_path / "checkpoint-1"
+    assert str(file) in caplog.text and "falling back" in caplog.text
+    with pytest.raises(ckpt.CheckpointError, match=str(file)):
+        ckpt.resolve(tmp_path, str(tmp_path / "checkpoint-2"))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from . import checkpoint as ckpt
 from .config import GRPOConfig, check_fits_model, prompt_limit
 from .distributed import make_accelerator, shards_weights
 from .learner import LEARNER_METRICS, Learner
+from .output_dir import check_previous_run, check_writable, lock
 from .samples import Sample, TrainBatch, train_batch
 from .state import CheckpointingMixin
 from .tracking import MetricsLog, TrackingMixin
@@ -54,12 +54,17 @@ class RLTrainer(CheckpointingMixin, TrackingMixin):
         if train_dataset is None or "prompt" not in train_dataset.column_names:
             raise ValueError("train_dataset must be a datasets.Dataset with a 'prompt' column")
         self.output_dir = Path(args.output_dir)
-        self._check_output_dir()
+        check_writable(self.output_dir)
         trackers = [t for t in args.report_to if t != "none"]
         # bf16 None: the launcher's setting (accelerate launch --mixed_precision / its config file) decides
         mixed_precision = None if args.bf16 is None else ("bf16" if args.bf16 else "no")
         self.accelerator = make_accelerator(log_with=trackers or None, project_dir=str(self.output_dir),
                                             mixed_precision=mixed_precision)
+        main = self.accelerator.is_main_process
+        self._output_lock = lock(self.output_dir) if main else None
+        check_previous_run(self.output_dir, resume=bool(args.resume_from_checkpoint),
+                           overwrite=args.overwrite_output_dir, main=main)
+        self.accelerator.wait_for_everyone()
         set_seed(args.seed, device_specific=True)
         if self.accelerator.device.type == "cpu":
             setup_cpu_math()
@@ -157,17 +162,6 @@ class RLTrainer(CheckpointingMixin, TrackingMixin):
     def sampling_model(self):
         return self.snapshot.model if self.snapshot is not None else self.unwrapped
 
-    def _check_output_dir(self) -> None:
-        """Fail before training, not at the first checkpoint, when the output folder is unusable (whether it has
-        room for a checkpoint is checked once the trainable parameters are known)."""
-        try:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=self.output_dir) as probe:  # unnamed: nothing is left if we are killed
-                probe.write(b"0" * 4096)
-                probe.flush()
-        except OSError as error:
-            raise OSError(f"output_dir {self.output_dir} is not writable: {error}") from error
-
     def _sum_over_processes(self, values: torch.Tensor) -> torch.Tensor:
         if self.accelerator.num_processes == 1:
             return values
@@ -228,6 +222,12 @@ class RLTrainer(CheckpointingMixin, TrackingMixin):
         args = self.args
         if args.resume_from_checkpoint:
             self.resume(args.resume_from_checkpoint)
+            if self.step >= args.max_steps:
+                logger.warning("nothing to train: the checkpoint is at step %d and max_steps is %d; raise "
+                               "--train.max_steps to continue", self.step, args.max_steps)
+                if not (self.output_dir / ("adapter" if self.uses_adapters else "model")).is_dir():
+                    self.save_model(self.output_dir)  # a run killed after its last checkpoint
+                return self.metrics_log.history() if self.accelerator.is_main_process else []
         self.metrics_log.truncate_after(self.step)  # rows a killed run logged past its last checkpoint are redone
         self._start_trackers()
         for step in range(self.step, args.max_steps):
@@ -281,6 +281,9 @@ class RLTrainer(CheckpointingMixin, TrackingMixin):
         self.learner.release_wrapper()
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
+        if self._output_lock is not None:
+            self._output_lock.close()
+            self._output_lock = None
 
     def next_prompts(self) -> list[int]:
         """Dataset rows for this step and process; a seeded permutation per epoch, the position saved in checkpoints."""

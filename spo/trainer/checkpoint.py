@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import re
 import shutil
@@ -22,6 +23,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 MARKER = "COMPLETE"
@@ -176,14 +179,40 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 
 
 def resolve(output_dir: Path, which: str) -> Path | None:
-    """``"latest"`` -> newest complete checkpoint in ``output_dir`` (None if there is none), else a folder."""
+    """``"latest"`` -> the newest intact checkpoint in ``output_dir`` (None if there is none; a damaged newer one is
+    skipped with a warning naming the file), else that folder, which must be intact."""
     if which == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        return checkpoints[-1] if checkpoints else None
+        for path in reversed(list_checkpoints(output_dir)):
+            problem = damage(path)
+            if problem is None:
+                return path
+            logger.warning("%s; falling back to the previous checkpoint", problem)
+        return None
     path = Path(which)
     if not (path / MARKER).is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER} file)")
+    problem = damage(path)
+    if problem is not None:
+        raise CheckpointError(errno.EIO, problem)
     return path
+
+
+def damage(path: Path) -> str | None:
+    """What makes a checkpoint unreadable (a truncated or corrupt file, named), or None when it is intact."""
+    from safetensors import safe_open
+
+    names = ["trainable.safetensors", "trainer_state.pt"] + sorted(p.name for p in path.glob("rank_state_*.pt"))
+    for name in names:
+        file = path / name
+        try:
+            if name.endswith(".safetensors"):
+                with safe_open(str(file), "pt"):
+                    pass
+            else:
+                load_state(path, name)
+        except Exception as error:  # noqa: BLE001 (any failure to read means the file is damaged)
+            return f"checkpoint file {file} is damaged or missing ({type(error).__name__}: {error})"
+    return None
 
 
 def load_model_part(path: Path, model) -> None:

@@ -97,6 +97,8 @@ class GRPOConfig:
     save_steps: int | None = _f(50, "checkpoint every this many steps; null: only at the end")
     save_total_limit: int | None = _f(2, "checkpoints kept; null: all")
     resume_from_checkpoint: str | None = _f(None, "continue from a checkpoint folder, or latest (what --resume sets)")
+    overwrite_output_dir: bool = _f(False, "start over in an output_dir that holds an earlier run, removing its "
+                                           "checkpoints, metrics and model")
 
     def __post_init__(self):
         if self.generation_batch_size is None and self.num_generations >= 1:

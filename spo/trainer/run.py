@@ -100,7 +100,7 @@ def trainer_config(recipe: Recipe):
 
         train.update(max_steps=1, prompts_per_step=distributed_state().num_processes, num_generations=2,
                      max_completion_length=16, save_steps=None, eval_steps=None, report_to=["none"],
-                     output_dir=str(train.get("output_dir", "outputs/run")) + "-dry-run")
+                     output_dir=str(train.get("output_dir", "outputs/run")) + "-dry-run", overwrite_output_dir=True)
         if recipe.algorithm == "spo_chain":
             train.update(mc_samples=2, max_mc_states_per_step=4)
         if recipe.algorithm == "spo_tree":
