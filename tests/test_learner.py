@@ -123,3 +123,37 @@ def test_padding_micro_batches_train_nothing(tmp_path):
     assert len(grads) == len(plain) == 1
     for name, grad in plain[0].items():
         torch.testing.assert_close(grads[0][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_half_precision_trained_weights_get_float32_master_copies(tmp_path):
+    """AdamW on bf16 weights rounds most small updates away (an update of 1e-6 on a weight near 1 is below bf16's
+    resolution): trained weights are kept in float32, frozen ones stay as loaded."""
+    model = tiny_model(seed=0).to(torch.bfloat16)
+    model.model.embed_tokens.weight.requires_grad_(False)
+    args = GRPOConfig(**tiny_run(tmp_path))
+    learner = Learner(Accelerator(cpu=True), model, args, pad_token_id=0, uses_adapters=False)
+    dtypes = {n: p.dtype for n, p in learner.unwrapped.named_parameters()}
+    assert dtypes["model.embed_tokens.weight"] == torch.bfloat16
+    assert {d for n, d in dtypes.items() if n != "model.embed_tokens.weight"} == {torch.float32}
+
+
+def test_precision_follows_the_launcher_unless_the_recipe_sets_it(tmp_path, monkeypatch):
+    from spo.trainer.distributed import make_accelerator
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --mixed_precision bf16` sets
+    assert make_accelerator(mixed_precision=None).mixed_precision == "bf16"  # bf16: null in the recipe
+    assert make_accelerator(mixed_precision="no").mixed_precision == "no"  # bf16: false in the recipe
+
+
+def test_metrics_are_reduced_over_declared_keys_whatever_each_process_measured():
+    from spo.trainer.tracking import reduce_metrics
+
+    keys = ("reward", "kl", "tree/edges")
+    ranks = [{"reward": 1.0, "tree/edges": 4.0}, {"reward": float("nan"), "kl": 0.5, "tree/edges": 2.0}]
+    tensors = []  # what each process hands to the all-reduce: values and counts in the declared order
+    for row in ranks:
+        reduce_metrics(row, keys, lambda t: tensors.append(t) or t)
+    summed = reduce_metrics(ranks[0], keys, lambda t: tensors[0] + tensors[1])
+    assert summed == {"reward": 1.0, "kl": 0.5, "tree/edges": 3.0}  # NaN and missing values are left out
+    with pytest.raises(KeyError, match="not declared"):
+        reduce_metrics({"typo/metric": 1.0}, keys, lambda t: t)
