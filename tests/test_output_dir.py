@@ -78,3 +78,22 @@ def test_resuming_at_or_past_max_steps_says_nothing_is_trained(tmp_path, task, e
     assert "nothing to train: the checkpoint is at step 2 and max_steps is 1" in caplog.text
     assert [row["step"] for row in history] == [1, 2]  # the log is left as it was
     again.close()
+
+
+def test_resuming_with_other_adapter_settings_is_named(tmp_path, task, embedded_tokenizer):
+    from peft import LoraConfig
+
+    def lora(r, **overrides):
+        args = GRPOConfig(**tiny_run(tmp_path, **{"max_steps": 1, "save_steps": 1, **overrides}))
+        return GRPOTrainer(model=tiny_model(seed=0), reward_funcs=[vowel_share], args=args, train_dataset=task,
+                           processing_class=embedded_tokenizer,
+                           peft_config=LoraConfig(r=r, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+
+    first = lora(4)
+    first.train()
+    first.close()
+    other = lora(2, resume_from_checkpoint="latest", max_steps=2)
+    with pytest.raises(ConfigError, match=r"checkpoint .*checkpoint-1 holds .*lora_A.* of shape \[4, 64\], the model "
+                                          r"has \[2, 64\]: resume with the adapter settings"):
+        other.train()
+    other.close()

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from accelerate.utils import DistributedType
 
+from ..errors import ConfigError
 from ..loss import policy_loss
 from .distributed import shards_weights
 from .logprobs import completion_logprobs
@@ -67,6 +68,7 @@ class Learner:
         self.scheduler = get_scheduler(args.lr_scheduler_type, optimizer,
                                        num_warmup_steps=math.ceil(args.warmup_ratio * args.max_steps),
                                        num_training_steps=args.max_steps)
+        self.trainable_shapes = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}  # unsharded
         if self.deepspeed:
             self._fill_deepspeed_config()
         # the scheduler counts RL steps and is not prepared: accelerate's wrapper would step it once per process
@@ -312,8 +314,14 @@ class Learner:
         expected = set(self.trainable_names)
         if set(state) != expected:
             missing, unexpected = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
-            raise ValueError(f"checkpoint {source} does not match the model: missing {missing}, unexpected "
-                             f"{unexpected}")
+            raise ConfigError(f"--resume: checkpoint {source} does not match the model: missing {missing}, "
+                              f"unexpected {unexpected}")
+        shapes = {n: tuple(self.trainable_shapes[n]) for n in self.trainable_names}
+        for name, value in state.items():
+            if tuple(value.shape) != shapes[name]:
+                raise ConfigError(f"--resume: checkpoint {source} holds {name} of shape {list(value.shape)}, the "
+                                  f"model has {list(shapes[name])}: resume with the adapter settings (peft) it "
+                                  "was trained with")
         if self.deepspeed:  # the engine's own checkpoint restores the weights with the optimizer (load_engine_state)
             return
         if self.fsdp:

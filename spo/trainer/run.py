@@ -274,12 +274,7 @@ def _train_and_evaluate(recipe: Recipe, trainer) -> int:
         before = trainer.evaluate()
         if main:
             print(f"held-out accuracy before training: {before['accuracy']:.4f} ({int(before['problems'])} problems)")
-    try:
-        trainer.train()
-    except ValueError as error:  # a checkpoint that does not fit this recipe, found when --resume loads it
-        if isinstance(error, ConfigError) or not str(error).startswith("checkpoint "):
-            raise
-        raise ConfigError(f"--resume: {error}") from error
+    trainer.train()
     summary = {"algorithm": recipe.algorithm, "steps": trainer.step, "output_dir": str(trainer.output_dir)}
     if recipe.evaluate_after and trainer.eval_dataset is not None and not recipe.dry_run:
         after = trainer.evaluate()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ConfigError
 from . import checkpoint as ckpt
 from .samples import Sample
 
@@ -83,10 +84,11 @@ class CheckpointingMixin:
             return
         state = ckpt.load_state(path, "trainer_state.pt")
         if state.get("algorithm") != self.algorithm:
-            raise ValueError(f"checkpoint {path} was written by {state.get('algorithm')!r}, not {self.algorithm!r}")
+            raise ConfigError(f"--resume: checkpoint {path} was written by {state.get('algorithm')!r}, not "
+                              f"{self.algorithm!r}")
         if state.get("world_size") != self.accelerator.num_processes:
-            raise ValueError(f"checkpoint {path} was written by {state.get('world_size')} processes; "
-                             f"resume with the same number ({self.accelerator.num_processes} now)")
+            raise ConfigError(f"--resume: checkpoint {path} was written by {state.get('world_size')} processes; "
+                              f"resume with the same number ({self.accelerator.num_processes} now)")
         self.learner.load_trainable_state(ckpt.read_trainable(path), path)
         self.learner.load_optimizer_state(state["optimizer"])
         self.learner.load_engine_state(path)
