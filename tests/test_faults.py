@@ -299,7 +299,7 @@ def test_unusable_prompts_can_be_skipped_and_counted(tmp_path, embedded_tokenize
     assert "train_dataset: skipped 2 of 5 rows with an unusable prompt (row 1: field 'prompt' is empty" in caplog.text
     assert [row["step"] for row in trainer.train()] == [1]
     with pytest.raises(ValueError, match="every row of train_dataset has an unusable prompt"):
-        _trainer(tmp_path, embedded_tokenizer, dataset=_chat_rows(["", " "]), prompt_errors="skip")
+        _trainer(tmp_path / "empty", embedded_tokenizer, dataset=_chat_rows(["", " "]), prompt_errors="skip")
 
 
 # --- configurations that cannot work -------------------------------------------------------------------------

@@ -61,7 +61,8 @@ class RLTrainer(CheckpointingMixin, TrackingMixin):
         self.accelerator = make_accelerator(log_with=trackers or None, project_dir=str(self.output_dir),
                                             mixed_precision=mixed_precision)
         main = self.accelerator.is_main_process
-        self._output_lock = lock(self.output_dir) if main else None
+        if main:
+            lock(self.output_dir)
         check_previous_run(self.output_dir, resume=bool(args.resume_from_checkpoint),
                            overwrite=args.overwrite_output_dir, main=main)
         self.accelerator.wait_for_everyone()
@@ -281,9 +282,6 @@ class RLTrainer(CheckpointingMixin, TrackingMixin):
         self.learner.release_wrapper()
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
-        if self._output_lock is not None:
-            self._output_lock.close()
-            self._output_lock = None
 
     def next_prompts(self) -> list[int]:
         """Dataset rows for this step and process; a seeded permutation per epoch, the position saved in checkpoints."""

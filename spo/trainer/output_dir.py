@@ -1,7 +1,7 @@
 """The output folder of a run: writable, used by one run at a time, and never silently mixed with an earlier run.
 
 A second run started on a folder in use fails at once, naming the first run's process id (an exclusive ``flock``
-on ``.lock``, released by the kernel when that process ends, however it ends). A folder that already holds a run
+on ``.lock``, held until the process ends and released by the kernel however it ends). A folder that already holds a run
 (checkpoints, metrics, a saved model) is continued only with ``--resume``, cleared only with
 ``overwrite_output_dir``, and otherwise refused: re-running into it would cut its metrics, rotate away the new
 checkpoints (the old ones have higher step numbers) and overwrite its model.
@@ -37,9 +37,16 @@ def check_writable(output_dir: Path) -> None:
         raise OSError(f"output_dir {output_dir} is not writable: {error}") from error
 
 
-def lock(output_dir: Path):
-    """Hold ``output_dir`` for this process (the returned open file keeps the lock until it is closed or the
-    process ends). Raises ``OutputDirInUse`` naming the holder's process id."""
+_HELD: dict[Path, object] = {}  # output folders this process holds, with their open lock files
+
+
+def lock(output_dir: Path) -> None:
+    """Hold ``output_dir`` for this process until it ends. Raises ``OutputDirInUse`` naming the holder's process id
+    when another process holds it. A process may start several trainers on one folder (a notebook re-running a
+    cell, a test resuming in-process): the lock is the process's, not a trainer's."""
+    key = output_dir.resolve()
+    if key in _HELD:
+        return
     handle = open(output_dir / LOCK, "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -53,7 +60,7 @@ def lock(output_dir: Path):
     handle.truncate()
     handle.write(f"{os.getpid()}\n")
     handle.flush()
-    return handle
+    _HELD[key] = handle
 
 
 def previous_run(output_dir: Path) -> list[str]:
