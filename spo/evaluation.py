@@ -38,6 +38,8 @@ class EvalConfig:
     model: str = field(default=EMBEDDED_MODEL, metadata=_help(
         "model: a hub name, a local folder, or the embedded smollm2-135m-instruct"))
     adapter: str | None = field(default=None, metadata=_help("PEFT adapter folder (LoRA or MoS) to load on the model"))
+    merge_adapter: bool = field(default=True, metadata=_help(
+        "merge the adapter into the model's weights before decoding (faster; false: run it unmerged)"))
     dataset: str = field(default="builtin:arithmetic", metadata=_help(
         "a .jsonl/.json/.parquet file, a folder holding {split}.jsonl, a hub name, or builtin:arithmetic"))
     split: str = field(default="test", metadata=_help("split to evaluate (train or test on the built-in task)"))
@@ -123,10 +125,10 @@ def majority_correct(texts: list[str], scores: list[float]) -> float:
 
 def evaluate(model, tokenizer, dataset, reward_funcs, *, num_samples: int = 1, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 256, batch_size: int = 64, seed: int = 0,
-             output_path: str | os.PathLike | None = None, progress: bool = True, generator=None) -> EvalResult:
+             output_path: str | os.PathLike | None = None, progress: bool | None = True, generator=None) -> EvalResult:
     """Generate ``num_samples`` completions per problem of ``dataset`` (columns ``prompt`` + reward columns) and
     score them with ``reward_funcs`` (the first one is the accuracy). ``generator``: an existing
-    ``spo.rollout.Generator`` to reuse."""
+    ``spo.rollout.Generator`` to reuse. ``progress``: a bar on stderr; None: only when stderr is a terminal."""
     from .rollout import Generator, SamplingParams
 
     generator = generator or Generator(model, tokenizer)
@@ -142,7 +144,7 @@ def evaluate(model, tokenizer, dataset, reward_funcs, *, num_samples: int = 1, t
     all_prompt_ids = tokenize_prompts(tokenizer, dataset["prompt"], where="eval data set")
     warn_beyond_context(model, all_prompt_ids, max_new_tokens)
     sink = open(output_path, "w") if output_path else None
-    bar = tqdm(total=len(dataset), desc="evaluating", unit="problem", disable=not progress)
+    bar = tqdm(total=len(dataset), desc="evaluating", unit="problem", disable=None if progress is None else not progress)
     try:
         for begin in range(0, len(dataset), prompts_per_batch):
             rows = dataset.select(range(begin, min(begin + prompts_per_batch, len(dataset))))
@@ -266,6 +268,8 @@ def run_eval(config: EvalConfig, progress: bool = True) -> EvalResult:
     model = load_model(config.model, dtype=config.dtype, device=config.device)
     if config.adapter:
         model = load_adapter(model, config.adapter, config.model)
+        if config.merge_adapter:  # decoding then pays no adapter matmuls (nor, for MoS, the shard gather)
+            model = model.merge_and_unload()
     model.eval()
     result = evaluate(model, tokenizer, dataset, [reward], num_samples=config.num_samples,
                       temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,

@@ -493,3 +493,39 @@ def test_resuming_a_checkpoint_of_another_algorithm_is_one_line(cli, files, tmp_
     rc, _, err = cli(*_train(files, "--train.output_dir", out, "--algorithm", "spo_chain", "--resume"))
     assert rc == 2 and len(err) == 1, err
     assert err[0].startswith("spo train: error: --resume: checkpoint ") and "'grpo', not 'spo_chain'" in err[0], err
+
+
+# --- issue 15: the adapter is merged for evaluation -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["lora", "mos"])
+def test_eval_merges_the_adapter_and_decodes_the_same_tokens(cli, files, monkeypatch, kind):
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    import spo.evaluation
+    from lora_shards import MoSConfig
+    from spo.models import tiny_model
+
+    config = (LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM") if kind == "lora" else
+              MoSConfig(r=4, equivalent_rank=3, shards_per_vector=2, private_rank=1, target_modules=["q_proj", "v_proj"]))
+    adapted = get_peft_model(tiny_model(seed=5), config)  # the base of files["model"]
+    with torch.no_grad():
+        for p in adapted.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.3)
+    adapted.save_pretrained(str(files["root"] / f"{kind}_adapter"))
+    decoded_by, evaluate = [], spo.evaluation.evaluate
+    monkeypatch.setattr(spo.evaluation, "evaluate",
+                        lambda model, *a, **k: decoded_by.append(model) or evaluate(model, *a, **k))
+
+    completions = {}
+    for merge in ("true", "false"):
+        rc, _, err = cli(*_eval(files, "--adapter", files["root"] / f"{kind}_adapter", "--merge-adapter", merge,
+                                "--max-new-tokens", 12))
+        assert rc == 0, err
+        completions[merge] = [json.loads(line)["completion"] for line in (files["root"] / "out.jsonl").open()]
+    merged, unmerged = decoded_by
+    assert not isinstance(merged, PeftModel) and not hasattr(merged, "peft_config")
+    assert isinstance(unmerged, PeftModel)
+    assert completions["true"] == completions["false"]

@@ -93,3 +93,22 @@ def test_trainer_samples_from_a_refreshed_bfloat16_snapshot(tmp_path, embedded_t
     assert (torch.log_softmax(_logits(trainer.snapshot.model, ids), -1) - reference).abs().max() < 0.1
     params = SamplingParams(max_new_tokens=4, greedy=True)
     assert Generator(trainer.snapshot.model, embedded_tokenizer).generate([[5, 6, 7]], params).rollouts[0].completion_ids
+
+
+@pytest.mark.parametrize("adapter", [
+    MoSConfig(r=4, equivalent_rank=3, shards_per_vector=2, private_rank=1, target_modules=TARGETS),
+    LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM"),
+])
+def test_float32_merged_copy_decodes_the_unmerged_policys_greedy_tokens(adapter):
+    from helpers import PROMPTS, WordTokenizer
+
+    policy = get_peft_model(tiny_model(seed=0), adapter).eval()
+    _perturb_trainable(policy, seed=3)
+    merged = PolicySnapshot(policy, "float32").model
+    greedy = SamplingParams(max_new_tokens=16, greedy=True)
+
+    def tokens(model):
+        return [r.completion_ids for r in Generator(model, WordTokenizer()).generate(PROMPTS, greedy).rollouts]
+
+    assert tokens(merged) == tokens(policy)
+    assert tokens(merged) != tokens(tiny_model(seed=0))  # the adapters matter to these tokens

@@ -58,12 +58,50 @@ def test_grpo_trains_and_writes_everything(tmp_path, task, embedded_tokenizer):
     assert len((out / "completions.jsonl").read_text().splitlines()) == 2 * 2 * 4
 
 
+def _record_updates(monkeypatch, trainer) -> list:
+    """The TrainBatch of every update, as the learner receives it."""
+    batches, update = [], trainer.learner.update
+
+    def recording(batch, step):
+        batches.append(batch)
+        return update(batch, step)
+
+    monkeypatch.setattr(trainer.learner, "update", recording)
+    return batches
+
+
+def _trainable(trainer) -> dict:
+    return {n: p.detach().clone() for n, p in trainer.unwrapped.named_parameters() if p.requires_grad}
+
+
 @pytest.mark.parametrize("estimator", ["rloo", "dr_grpo"])
-def test_baselines_run(tmp_path, task, embedded_tokenizer, estimator):
-    args = GRPOConfig(**_common(tmp_path, max_steps=1, advantage_estimator=estimator, loss_type="dr_grpo"))
-    history = GRPOTrainer(model=tiny_model(seed=1), reward_funcs=[vowel_share], args=args, train_dataset=task,
-                          processing_class=embedded_tokenizer).train()
-    assert history[0]["loss"] == history[0]["loss"]  # not NaN
+def test_baselines_train_on_their_advantages(tmp_path, task, embedded_tokenizer, estimator, monkeypatch):
+    args = GRPOConfig(**_common(tmp_path, max_steps=1, advantage_estimator=estimator, loss_type="dr_grpo",
+                                        warmup_ratio=0.0))
+    trainer = GRPOTrainer(model=tiny_model(seed=1), reward_funcs=[vowel_share], args=args, train_dataset=task,
+                          processing_class=embedded_tokenizer)
+    groups, generate = [], trainer.generate_groups
+    monkeypatch.setattr(trainer, "generate_groups", lambda rows, step: groups.append(generate(rows, step)) or groups[-1])
+    batches = _record_updates(monkeypatch, trainer)
+    before = _trainable(trainer)
+    history = trainer.train()
+
+    (rollouts, rewards), = groups
+    g = args.num_generations
+    expected = []
+    for start in range(0, len(rollouts), g):
+        group = rewards[start:start + g].tolist()
+        mean = sum(group) / g
+        for rollout, r in zip(rollouts[start:start + g], group):
+            if rollout.completion_ids:  # an empty completion trains nothing
+                expected.append(g / (g - 1) * (r - mean) if estimator == "rloo" else r - mean)
+    assert any(abs(a) > 1e-3 for a in expected)
+    (batch,) = batches
+    assert len(batch.advantages) == len(expected)
+    for row, advantage in zip(batch.advantages, expected):
+        torch.testing.assert_close(row, torch.full_like(row, advantage))
+    assert torch.isfinite(torch.tensor(history[0]["loss"]))
+    assert any(not torch.equal(p, before[n]) for n, p in _trainable(trainer).items())
 
 
 def test_spo_chain_values_segments_by_monte_carlo(tmp_path, task, embedded_tokenizer):
@@ -84,13 +122,47 @@ def test_spo_chain_values_segments_by_monte_carlo(tmp_path, task, embedded_token
     assert "timing/monte_carlo" in metrics and "ssb/size" in metrics and "kv/peak_kv_bytes" in metrics
 
 
-def test_spo_tree_trains_on_edges(tmp_path, task, embedded_tokenizer):
-    args = SPOTreeConfig(**_common(tmp_path, branching=[2, 2], segment_length=4, max_steps=1, num_generations=1))
-    history = SPOTreeTrainer(model=tiny_model(seed=3), reward_funcs=[vowel_share], args=args, train_dataset=task,
-                             processing_class=embedded_tokenizer).train()
-    metrics = history[-1]
+def test_spo_tree_trains_on_edges(tmp_path, task, embedded_tokenizer, monkeypatch):
+    """The samples trained are the step's tree edges, each with advantage V(child) - V(parent)."""
+    import spo.trainer.spo_tree as spo_tree
+
+    args = SPOTreeConfig(**_common(tmp_path, branching=[2, 2], segment_length=4, max_steps=1, num_generations=1,
+                                     warmup_ratio=0.0))
+    trainer = SPOTreeTrainer(model=tiny_model(seed=3), reward_funcs=[vowel_share], args=args, train_dataset=task,
+                             processing_class=embedded_tokenizer)
+    trees = []
+
+    def recording_grow_tree(generator, prompt_ids, *rest):
+        roots, stats = grow(generator, prompt_ids, *rest)
+        trees.append((prompt_ids, roots))
+        return roots, stats
+
+    grow = spo_tree.grow_tree
+    monkeypatch.setattr(spo_tree, "grow_tree", recording_grow_tree)
+    batches = _record_updates(monkeypatch, trainer)
+    before = _trainable(trainer)
+    metrics = trainer.train()[-1]
     assert metrics["tree/rollouts"] <= 2 * (2 + 4) and metrics["tree/leaves"] >= 2
     assert metrics["tree/edges_kept"] <= metrics["tree/edges"]
+
+    (prompt_ids, roots), = trees
+    expected = []  # (context, segment, V(child) - V(parent)) of every edge with a non-zero advantage
+    stack = list(roots)
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.parent is not None and node.value is not None and abs(node.value - node.parent.value) > 1e-12:
+            context = prompt_ids[node.prompt_index] + node.parent.path_tokens()
+            expected.append((tuple(context), tuple(node.tokens), node.value - node.parent.value))
+    (batch,) = batches
+    trained = [(tuple(s.prompt_ids), tuple(s.completion_ids), s.advantages) for s in batch.samples]
+    assert expected and len(trained) == len(expected) == metrics["tree/edges"]  # 6 edges a tree < edges_per_question
+    expected.sort(key=lambda e: e[:2])
+    trained.sort(key=lambda e: e[:2])
+    for (context, segment, advantage), (got_context, got_segment, got) in zip(expected, trained):
+        assert (got_context, got_segment) == (context, segment)
+        torch.testing.assert_close(got, torch.full_like(got, advantage))
+    assert any(not torch.equal(p, before[n]) for n, p in _trainable(trainer).items())
 
 
 def test_config_rejects_impossible_values():
@@ -98,6 +170,15 @@ def test_config_rejects_impossible_values():
         GRPOConfig(temperature=0)
     with pytest.raises(ValueError, match="leaves no room for the last level"):
         SPOTreeConfig(branching=[2, 2, 2], segment_length=100, max_completion_length=150)
+
+
+def test_spo_configs_reject_the_group_baseline_settings():
+    for cls in (SPOChainConfig, SPOTreeConfig):
+        with pytest.raises(ValueError, match=f"advantage_estimator='rloo' is a GRPO setting that {cls.__name__}"):
+            cls(advantage_estimator="rloo", num_generations=2)
+        with pytest.raises(ValueError, match=f"scale_rewards=False is a GRPO setting that {cls.__name__}"):
+            cls(scale_rewards=False)
+    assert not GRPOConfig(scale_rewards=False, advantage_estimator="rloo").scale_rewards
 
 
 def test_recipe_errors_name_the_key(tmp_path):
@@ -249,3 +330,77 @@ def test_group_prompt_value_bases_segments_on_the_group_mean(tmp_path, task, emb
     assert advantages[(7, 8, 11, 12)] == [-0.25, -0.25, -0.25, -0.25]  # the published base would give 0, 0, ...
     assert advantages[(13, 14, 15)] == [0.0, 0.0, 0.0]  # cut at the bare prompt only: R - mean = 0 - 0
     assert len(samples) == 3  # NaN reward: no sample
+
+
+def test_each_step_is_logged_once_with_the_completions_asked_for(tmp_path, task, embedded_tokenizer, caplog, capsys):
+    import logging
+
+    args = GRPOConfig(**_common(tmp_path, num_completions_to_print=2))
+    trainer = GRPOTrainer(model=tiny_model(seed=0), reward_funcs=[vowel_share], args=args, train_dataset=task,
+                          processing_class=embedded_tokenizer)
+    with caplog.at_level(logging.INFO, logger="spo"):
+        trainer.train()
+    lines = [r.getMessage() for r in caplog.records if r.name == "spo.trainer.tracking"]
+    assert [line[:8] for line in lines] == ["step 1/2", "  reward", "  reward", "step 2/2", "  reward", "  reward"]
+    assert "step 1/2" not in capsys.readouterr().err  # logging is configured: not printed a second time
+
+
+def test_python_api_without_logging_set_up_shows_steps_and_a_bar(tmp_path, task, embedded_tokenizer, capsys,
+                                                                 monkeypatch):
+    import logging
+    import sys
+
+    monkeypatch.setattr(logging.root, "handlers", [])  # as in a plain script: logging never configured
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # the bar is drawn on terminals only
+    args = GRPOConfig(**_common(tmp_path))
+    GRPOTrainer(model=tiny_model(seed=0), reward_funcs=[vowel_share], args=args, train_dataset=task,
+                processing_class=embedded_tokenizer).train()
+    err = capsys.readouterr().err
+    shown = [line.rsplit("\r", 1)[-1] for line in err.split("\n")]  # what a terminal shows of each line
+    assert [line[:15] for line in shown if line.startswith("step ")] == ["step 1/2 reward", "step 2/2 reward"], err
+    bar = [shown for shown in err.replace("\n", "\r").split("\r") if shown.startswith("training")][-1]  # last drawn
+    assert "training" in bar and "2/2" in bar and "reward=" in bar and "tokens_per_s=" in bar, bar
+
+
+def _recording_reward(texts: list):
+    def first_completions(completions, **kwargs):
+        texts.extend(completions)
+        return [0.0] * len(completions)
+
+    return first_completions
+
+
+@pytest.mark.parametrize("rollout_dtype", [None, "bfloat16", "float32"])
+def test_evaluation_decodes_a_merged_copy_with_the_policys_greedy_tokens(tmp_path, embedded_tokenizer,
+                                                                       rollout_dtype):
+    from peft import LoraConfig
+
+    texts = []
+    args = GRPOConfig(**_common(tmp_path, rollout_dtype=rollout_dtype, eval_limit=4, eval_max_new_tokens=10))
+    trainer = GRPOTrainer(model=tiny_model(seed=0), reward_funcs=[_recording_reward(texts)], args=args,
+                          train_dataset=make_arithmetic_task("train", 4),
+                          eval_dataset=make_arithmetic_task("test", 4), processing_class=embedded_tokenizer,
+                          peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    generator = torch.Generator().manual_seed(0)
+
+    def move_adapters():  # as a training step would
+        with torch.no_grad():
+            for p in trainer.unwrapped.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=generator) * 0.3)
+
+    def evaluate(merge: bool) -> list[str]:
+        trainer.args.eval_merge_adapter, trainer._eval_generator = merge, None
+        texts.clear()
+        trainer.evaluate()
+        return list(texts)
+
+    for _ in range(2):  # the merged copy follows the adapters from one evaluation to the next
+        move_adapters()
+        merged = evaluate(True)
+        assert merged == evaluate(False) and len(merged) == 4
+    trainer.args.eval_merge_adapter = True
+    copy = trainer._evaluation_model()
+    assert copy is not trainer.unwrapped and not hasattr(copy, "peft_config")
+    assert all(p.dtype == torch.float32 for p in copy.parameters())
+    assert (copy is trainer.sampling_model) == (rollout_dtype == "float32")  # a float32 rollout copy is reused

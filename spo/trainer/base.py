@@ -131,6 +131,7 @@ class RLTrainer(CheckpointingMixin, TrackingMixin):
                                    kv_budget=args.kv_budget, kv_kwargs=dict(args.kv_kwargs),
                                    max_batch_rows=args.generation_batch_size)
         self._eval_generator = None
+        self._eval_snapshot = None  # the merged copy evaluation decodes (see _evaluation_model)
         self.buffer = None
         if args.use_sample_buffer:
             from ..buffer import SelectiveSampleBuffer
@@ -231,6 +232,20 @@ class RLTrainer(CheckpointingMixin, TrackingMixin):
                 return self.metrics_log.history() if self.accelerator.is_main_process else []
         self.metrics_log.truncate_after(self.step)  # rows a killed run logged past its last checkpoint are redone
         self._start_trackers()
+        with self.progress(args.max_steps, initial=self.step) as bar:
+            self._train_steps(bar)
+        self.save_checkpoint()
+        self.save_model(self.output_dir)
+        if self.accelerator.is_main_process:
+            self.metrics_log.plot()
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
+        self._trackers_started = False
+        return self.metrics_log.history() if self.accelerator.is_main_process else []
+
+    def _train_steps(self, bar) -> None:
+        """From ``self.step`` to ``max_steps`` (or the token budget); ``bar`` shows each step's reward and speed."""
+        args = self.args
         for step in range(self.step, args.max_steps):
             self.step = step
             self._metrics = {}
@@ -259,20 +274,15 @@ class RLTrainer(CheckpointingMixin, TrackingMixin):
                 self._metrics.update({f"eval/{k}": v for k, v in self.evaluate().items()})
             budget_reached = args.max_generated_tokens is not None and self.tokens_generated >= args.max_generated_tokens
             if self.step % args.logging_steps == 0 or self.step == args.max_steps or budget_reached:
-                self._log()
+                logged = self._log()
+                bar.set_postfix(reward=f"{logged.get('reward', float('nan')):.3f}",
+                                tokens_per_s=f"{logged.get('perf/tokens_per_second', float('nan')):.0f}", refresh=False)
+            bar.update(1)
             if budget_reached:
                 logger.info("token budget of %d reached at step %d", args.max_generated_tokens, self.step)
                 break
             if args.save_steps and self.step % args.save_steps == 0 and self.step < args.max_steps:
                 self.save_checkpoint()
-        self.save_checkpoint()
-        self.save_model(self.output_dir)
-        if self.accelerator.is_main_process:
-            self.metrics_log.plot()
-        for tracker in self.accelerator.trackers:
-            tracker.finish()
-        self._trackers_started = False
-        return self.metrics_log.history() if self.accelerator.is_main_process else []
 
     def close(self) -> None:
         """End the run: trackers and the process group (after the last ``train`` or ``evaluate``). The model stays
@@ -338,19 +348,37 @@ class RLTrainer(CheckpointingMixin, TrackingMixin):
         shard = dataset.shard(world, rank, contiguous=True) if world > 1 else dataset
         was_training = self.unwrapped.training
         self.unwrapped.eval()
-        model = self.unwrapped
-        if self.learner.shards_weights:  # sharded weights: decode with the gathered copy (see __init__)
-            model = self.snapshot.refresh()
+        model = self._evaluation_model()
         if self._eval_generator is None:  # held-out accuracy is measured with the full cache
             from ..rollout import Generator
 
             self._eval_generator = Generator(model, self.tokenizer, max_batch_rows=self.args.generation_batch_size)
-        result = evaluate(model, self.tokenizer, shard, [self.reward_funcs[0]], num_samples=1,
-                          temperature=0.0, max_new_tokens=self.args.eval_max_new_tokens or
-                          self.args.max_completion_length, batch_size=self.args.generation_batch_size,
-                          progress=False, generator=self._eval_generator)
+        with self.accelerator.autocast():  # the learner's precision, whichever copy decodes
+            result = evaluate(model, self.tokenizer, shard, [self.reward_funcs[0]], num_samples=1,
+                              temperature=0.0, max_new_tokens=self.args.eval_max_new_tokens or
+                              self.args.max_completion_length, batch_size=self.args.generation_batch_size,
+                              progress=None if self.accelerator.is_main_process else False,
+                              generator=self._eval_generator)
         self.unwrapped.train(was_training)
         correct = torch.tensor([sum(x[0] for x in result.per_problem), len(result.per_problem)],
                                dtype=torch.float64, device=self.accelerator.device)
         correct = self.accelerator.reduce(correct, reduction="sum")
         return {"accuracy": float(correct[0] / correct[1].clamp(min=1)), "problems": float(correct[1])}
+
+    def _evaluation_model(self):
+        """The model evaluation decodes, with the policy's current weights. Sharded weights: the gathered rollout
+        copy (see __init__). Adapters (unless ``eval_merge_adapter`` is off): a float32 merged copy, so greedy
+        decoding pays no adapter matmuls yet gives the unmerged policy's tokens up to float rounding; it is the
+        rollout copy when that is float32, else one more copy of the weights, made at the first evaluation (a
+        bf16 rollout copy is not used: accuracy would move with bf16 rounding). Otherwise the policy itself."""
+        if self.learner.shards_weights:
+            return self.snapshot.refresh()
+        if not (self.uses_adapters and self.args.eval_merge_adapter):
+            return self.unwrapped
+        if self.snapshot is not None and self.snapshot.dtype == torch.float32:
+            return self.snapshot.refresh()
+        if self._eval_snapshot is None:
+            from ..rollout.snapshot import PolicySnapshot
+
+            self._eval_snapshot = PolicySnapshot(self.unwrapped, torch.float32)
+        return self._eval_snapshot.refresh()

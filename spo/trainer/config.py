@@ -90,9 +90,12 @@ class GRPOConfig:
     report_to: list[str] = _f(help="trackers (accelerate's: wandb, tensorboard, ...); [none]: no tracker",
                               factory=lambda: ["wandb"])
     log_completions: bool = _f(True, "write each logged step's completions to completions.jsonl and the trackers")
-    num_completions_to_print: int = _f(0, "accepted for TRL compatibility; not used")
+    num_completions_to_print: int = _f(0, "completions of each logged step printed to the log (prompt end, completion, "
+                                          "reward); 0: none")
     eval_steps: int | None = _f(None, "held-out evaluation every this many steps; null: none during training")
     eval_limit: int | None = _f(200, "held-out problems per evaluation; null: all of them")
+    eval_merge_adapter: bool = _f(True, "evaluate a float32 copy with the adapters merged (faster; one more copy "
+                                        "of the weights)")
     eval_max_new_tokens: int | None = _f(None, "longest completion at evaluation; null: max_completion_length")
     save_steps: int | None = _f(50, "checkpoint every this many steps; null: only at the end")
     save_total_limit: int | None = _f(2, "checkpoints kept; null: all")
@@ -140,6 +143,13 @@ class GRPOConfig:
              f"generation_batch_size={self.generation_batch_size} must be a multiple of num_generations="
              f"{self.num_generations}: the completions of a prompt are decoded in the same batch"),
         ]
+        if not self.needs_groups:  # SPO values segments itself: the group-baseline settings would do nothing
+            for name, default in (("advantage_estimator", "grpo"), ("scale_rewards", True)):
+                checks.append((getattr(self, name) == default,
+                               f"{name}={getattr(self, name)!r} is a GRPO setting that {type(self).__name__} does not "
+                               f"use (its advantages come from segment values): leave it out"))
+        checks.append((self.num_completions_to_print >= 0,
+                       f"num_completions_to_print must be >= 0, got {self.num_completions_to_print}"))
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)

@@ -3,14 +3,18 @@ and a PNG of the learning curve for people who do not use wandb."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +142,8 @@ class TrackingMixin:
         self._completions = [{"prompt": self.tokenizer.decode(r.prompt_ids, skip_special_tokens=False)[-300:],
                               "completion": r.text, "reward": float(x)} for r, x in zip(rollouts, rewards.tolist())]
 
-    def _log(self) -> None:
+    def _log(self) -> dict[str, float]:
+        """Reduce this step's metrics over processes, write them everywhere and announce the step; returns them."""
         metrics = reduce_metrics(self._metrics, self.metric_keys, self._sum_over_processes)
         if metrics.get("timing/step"):  # sampled tokens of all processes per second of the step
             metrics["perf/tokens_per_second"] = (metrics.get("tokens/step", 0.0) * self.accelerator.num_processes
@@ -152,9 +157,28 @@ class TrackingMixin:
                 self.metrics_log.write_completions(self.step, completions)
                 self._log_completions_table(completions)
             self.metrics_log.plot()
-            logger.info("step %d/%d reward %.3f loss %.4f %.1f s/step %.0f tokens/s", self.step, self.args.max_steps,
-                        metrics.get("reward", float("nan")), metrics.get("loss", float("nan")),
-                        metrics.get("timing/step", float("nan")), metrics.get("perf/tokens_per_second", float("nan")))
+            announce("step %d/%d reward %.3f loss %.4f %.1f s/step %.0f tokens/s" % (
+                self.step, self.args.max_steps, metrics.get("reward", float("nan")), metrics.get("loss", float("nan")),
+                metrics.get("timing/step", float("nan")), metrics.get("perf/tokens_per_second", float("nan"))))
+            for row in getattr(self, "_completions", [])[:self.args.num_completions_to_print]:
+                announce(f"  reward {row['reward']:.3f}  ...{row['prompt'][-60:]!r} -> {row['completion']!r}")
+        return metrics
+
+    @contextlib.contextmanager
+    def progress(self, total: int, initial: int = 0):
+        """A bar of training steps on the main process's terminal (none when stderr is not a terminal); log lines
+        written meanwhile go above it."""
+        bar = tqdm(total=total, initial=initial, desc="training", unit="step", dynamic_ncols=True,
+                   disable=None if self.accelerator.is_main_process else True)
+        try:
+            # (unconfigured logging needs no redirect: announce() then writes through tqdm)
+            with logging_redirect_tqdm() if not bar.disable and logger.hasHandlers() else contextlib.nullcontext():
+                yield bar
+        except BaseException:
+            bar.leave = False  # an error or Ctrl-C: clear the bar, so the message that follows stands alone
+            raise
+        finally:
+            bar.close()
 
     def _log_completions_table(self, completions: list[dict]) -> None:
         if not completions or "wandb" not in self.args.report_to:
@@ -181,6 +205,15 @@ class TrackingMixin:
             "spo", config=config,
             init_kwargs={"wandb": {"name": self.args.run_name or self.output_dir.name, "dir": str(self.output_dir)}})
         self._trackers_started = True
+
+
+def announce(message: str) -> None:
+    """An INFO line of this module's logger, or, when logging was never configured (the Python API, where INFO would
+    be dropped), the same line on stderr."""
+    if logger.hasHandlers():
+        logger.info(message)
+    else:
+        tqdm.write(message, file=sys.stderr)
 
 
 def _read_lines(path: Path) -> list[tuple[str, dict]]:
