@@ -164,11 +164,6 @@ class RLTrainer(CheckpointingMixin, TrackingMixin):
     def sampling_model(self):
         return self.snapshot.model if self.snapshot is not None else self.unwrapped
 
-    def _sum_over_processes(self, values: torch.Tensor) -> torch.Tensor:
-        if self.accelerator.num_processes == 1:
-            return values
-        return self.accelerator.reduce(values.to(self.accelerator.device), reduction="sum").cpu()
-
     def sampling_params(self, step: int):
         from ..rollout import SamplingParams
 
@@ -214,7 +209,7 @@ class RLTrainer(CheckpointingMixin, TrackingMixin):
 
     def train_batch(self, samples: list[Sample]) -> TrainBatch:
         """The learner's input: final advantages (whitened over all processes when asked) and loss masks."""
-        return train_batch(samples, self.args, self._sum_over_processes)
+        return train_batch(samples, self.args, self.learner.sum_over_processes)
 
     # --- the loop --------------------------------------------------------------------------------------------------
 
@@ -268,7 +263,7 @@ class RLTrainer(CheckpointingMixin, TrackingMixin):
                 torch.cuda.reset_peak_memory_stats()
             self.step = step + 1
             local_tokens = torch.tensor([float(self._metrics.get("tokens/step", 0.0))], dtype=torch.float64)
-            self.tokens_generated += int(self._sum_over_processes(local_tokens).item())
+            self.tokens_generated += int(self.learner.sum_over_processes(local_tokens).item())
             self._metric("tokens/generated_total", float(self.tokens_generated))
             if args.eval_steps and self.eval_dataset is not None and self.step % args.eval_steps == 0:
                 self._metrics.update({f"eval/{k}": v for k, v in self.evaluate().items()})

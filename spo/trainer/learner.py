@@ -116,7 +116,8 @@ class Learner:
 
     # --- collectives -----------------------------------------------------------------------------------------------
 
-    def _sum(self, values: torch.Tensor) -> torch.Tensor:
+    def sum_over_processes(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` summed over every process (an all-reduce; every process must call it), on the CPU."""
         if self.accelerator.num_processes == 1:
             return values
         return self.accelerator.reduce(values.to(self.accelerator.device), reduction="sum").cpu()
@@ -204,7 +205,8 @@ class Learner:
         global count is divided by the number of processes."""
         args = self.args
         if args.loss_type == "dapo":
-            tokens = self._sum(torch.tensor([float(sum(m.tokens for m in c)) for c in chunks], dtype=torch.float64))
+            counts = torch.tensor([float(sum(m.tokens for m in c)) for c in chunks], dtype=torch.float64)
+            tokens = self.sum_over_processes(counts)
             return [max(1.0, t) / self.accelerator.num_processes for t in tokens.tolist()]
         if args.loss_type == "bnpo":
             return [float(max(1, sum(m.tokens for m in c))) for c in chunks]

@@ -144,7 +144,7 @@ class TrackingMixin:
 
     def _log(self) -> dict[str, float]:
         """Reduce this step's metrics over processes, write them everywhere and announce the step; returns them."""
-        metrics = reduce_metrics(self._metrics, self.metric_keys, self._sum_over_processes)
+        metrics = reduce_metrics(self._metrics, self.metric_keys, self.learner.sum_over_processes)
         if metrics.get("timing/step"):  # sampled tokens of all processes per second of the step
             metrics["perf/tokens_per_second"] = (metrics.get("tokens/step", 0.0) * self.accelerator.num_processes
                                                  / metrics["timing/step"])
