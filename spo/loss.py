@@ -28,6 +28,20 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(delta) - delta - 1
 
 
+def sequence_ratios(logp: torch.Tensor, behaviour_logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Per sequence, the geometric mean over its ``tokens`` of the learner/sampler probability ratio:
+    ``exp(mean_t (logp_t - behaviour_t))`` [N] (1 for a sequence without tokens)."""
+    tokens = tokens.float()
+    mean = ((logp - behaviour_logp) * tokens).sum(dim=1) / tokens.sum(dim=1).clamp(min=1)
+    return torch.exp(mean.clamp(-20, 20))
+
+
+def within_band(ratios: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """Sequences whose ratio lies in ``[low, high]``: the others come from a sampler too far from the learner and
+    are masked out whole (sequence-level rejection, as TRL's ``sequence_mask`` and Sparse-RL do)."""
+    return (ratios >= low) & (ratios <= high)
+
+
 @dataclass
 class LossOutput:
     loss: torch.Tensor  # this micro-batch's share of the step's loss (differentiable)

@@ -157,3 +157,21 @@ def test_metrics_are_reduced_over_declared_keys_whatever_each_process_measured()
     assert summed == {"reward": 1.0, "kl": 0.5, "tree/edges": 3.0}  # NaN and missing values are left out
     with pytest.raises(KeyError, match="not declared"):
         reduce_metrics({"typo/metric": 1.0}, keys, lambda t: t)
+
+
+def test_completions_outside_the_sequence_band_train_nothing(tmp_path):
+    """A completion whose sampler was far from the learner (its geometric-mean ratio outside the band) is masked
+    out whole: the update equals the one without it, and the rejection is counted."""
+    samples = make_samples(count=4)
+    far = samples[0]
+    far.behaviour_logprobs = torch.full_like(far.behaviour_logprobs, -30.0)  # the sampler gave them ~0 probability
+    common = dict(per_device_train_batch_size=4, max_grad_norm=None, importance_sampling_cap=None, loss_type="grpo")
+    # the random tiny model is far from the random behaviour log-probs too (ratios about e^-9): a wide band
+    banded, args = learner_for(tmp_path / "band", importance_sampling_sequence_band=[1e-6, 1e6], **common)
+    metrics, grads = update_capturing_gradients(banded, args, samples)
+    assert metrics["is/rejected_fraction"] == pytest.approx(0.25)
+    without, args = learner_for(tmp_path / "without", **common)
+    zeroed = [Sample(**{**far.to_state(), "advantages": torch.zeros(len(far.completion_ids))}), *samples[1:]]
+    _, expected = update_capturing_gradients(without, args, zeroed)
+    for name, grad in expected[0].items():
+        torch.testing.assert_close(grads[0][name], grad, rtol=1e-5, atol=1e-7, msg=name)

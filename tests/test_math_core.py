@@ -145,3 +145,14 @@ def test_buffer_draws_in_proportion_to_abs_advantage():
     first = [e.sample for e in buffer.draw(2, step=0)]
     buffer.load_state_dict(state)
     assert [e.sample for e in buffer.draw(2, step=0)] == first  # resumable exactly
+
+
+def test_sequence_ratios_and_the_rejection_band():
+    from spo.loss import sequence_ratios, within_band
+
+    behaviour = torch.log(torch.tensor([[0.5, 0.5, 0.5], [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]))
+    learner = torch.log(torch.tensor([[0.5, 0.5, 0.9], [0.1, 0.1, 0.1], [1.0, 1.0, 1.0]]))
+    tokens = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 1, 1]])
+    ratios = sequence_ratios(learner, behaviour, tokens)
+    assert ratios.tolist() == pytest.approx([1.0, 0.2, 2.0])  # geometric means over each sequence's own tokens
+    assert within_band(ratios, 0.5, 2.0).tolist() == [True, False, True]

@@ -58,6 +58,8 @@ class GRPOConfig:
     loss_type: Literal["dapo", "bnpo", "grpo", "dr_grpo"] = _f(
         "dapo", "loss normaliser: dapo (the step's tokens), bnpo (this process's), grpo (per sequence), dr_grpo")
     mask_truncated_completions: bool = _f(False, "leave completions cut at max_completion_length out of the loss")
+    importance_sampling_sequence_band: list[float] | None = _f(
+        None, "[low, high]: mask out whole completions whose geometric-mean learner/sampler ratio leaves the band")
     importance_sampling_cap: float | None = _f(2.0, "cap of the importance weights against the sampler's log-probs; "
                                                     "null: none")
     # optimisation
@@ -123,6 +125,10 @@ class GRPOConfig:
             (self.kv_budget is None or self.kv_budget > 0, "kv_budget must be > 0"),
             (self.importance_sampling_cap is None or self.importance_sampling_cap >= 1,
              "importance_sampling_cap must be >= 1"),
+            (self.importance_sampling_sequence_band is None or (len(self.importance_sampling_sequence_band) == 2
+             and 0 <= self.importance_sampling_sequence_band[0] <= 1 <= self.importance_sampling_sequence_band[1]),
+             f"importance_sampling_sequence_band must be [low, high] with low <= 1 <= high, got "
+             f"{self.importance_sampling_sequence_band}"),
             (self.advantage_estimator != "rloo" or self.num_generations >= 2, "RLOO needs num_generations >= 2"),
             (not self.needs_groups or self.num_generations >= 2,
              f"num_generations must be >= 2 for the group baseline ({self.advantage_estimator}), got "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections import defaultdict
 import logging
 import math
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import torch
 from accelerate.utils import DistributedType
 
 from ..errors import ConfigError
-from ..loss import policy_loss
+from ..loss import policy_loss, sequence_ratios, within_band
 from .distributed import shards_weights
 from .logprobs import completion_logprobs
 from .samples import Batch, TrainBatch, collate, pad_rows
@@ -29,7 +30,8 @@ from .samples import Batch, TrainBatch, collate, pad_rows
 logger = logging.getLogger(__name__)
 
 LEARNER_METRICS = ("loss", "kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "grad_norm",
-                   "is/logprob_gap", "is/weight_mean", "spo/masked_token_fraction", "train/idle_rows_skipped",
+                   "is/logprob_gap", "is/weight_mean", "is/ratio_mean", "is/rejected_fraction", "is/mismatch_kl",
+                   "spo/masked_token_fraction", "train/idle_rows_skipped",
                    "train/padding_micro_batches")
 
 
@@ -216,7 +218,7 @@ class Learner:
     def update(self, train: TrainBatch, step: int) -> dict[str, float]:
         """``num_iterations`` passes of clipped policy-gradient steps over ``train``; returns this process's
         metrics (means over micro-batches, and ``kl`` over trained tokens)."""
-        args, device = self.args, self.accelerator.device
+        args = self.args
         prepared = self._micro_batches(train)
         real_tokens = sum(int(m.batch.completion_mask.sum()) for m in prepared if m.rows)
         metrics = {"spo/masked_token_fraction": sum(m.tokens for m in prepared) / max(1, real_tokens),
@@ -231,8 +233,7 @@ class Learner:
         # accelerate divides each backward's loss by its own accumulation count (DeepSpeed's engine does the same);
         # our normalisers already cover the whole optimizer step
         rescale = float(self.accelerator.gradient_accumulation_steps)
-        stats = {key: [] for key in ("loss", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean",
-                                     "is/logprob_gap", "is/weight_mean", "grad_norm")}
+        stats = defaultdict(list)
         kl_sum = kl_tokens = 0.0
         generator = torch.Generator().manual_seed(args.seed + step)
         for _ in range(args.num_iterations):
@@ -244,19 +245,13 @@ class Learner:
                     sync = k == len(chunk) - 1
                     context = self.accelerator.no_sync(self.model) if not sync else contextlib.nullcontext()
                     with context:
-                        out, entropy, old, weights = self._loss(micro, normaliser)
+                        out, logged = self._loss(micro, normaliser)
                         self.accelerator.backward(out.loss * rescale)
                     step_loss += out.loss.item()
                     kl_sum, kl_tokens = kl_sum + out.kl_sum.item(), kl_tokens + out.tokens.item()
-                    if micro.rows:
-                        real = micro.batch.completion_mask.bool()
-                        count = max(1.0, out.tokens.item())
-                        stats["entropy"].append(entropy[real].mean().item())
-                        stats["clip_ratio/low_mean"].append(out.clipped_low.item() / count)
-                        stats["clip_ratio/high_mean"].append(out.clipped_high.item() / count)
-                        stats["is/logprob_gap"].append((old - micro.behaviour.to(device))[real].abs().mean().item())
-                        if weights is not None:
-                            stats["is/weight_mean"].append(weights[real].mean().item())
+                    if micro.rows:  # padding batches measure nothing
+                        for key, value in logged.items():
+                            stats[key].append(value)
                 stats["loss"].append(step_loss)
                 norm = self._clip_gradients()
                 if norm is not None:
@@ -270,19 +265,37 @@ class Learner:
         return metrics
 
     def _loss(self, micro: MicroBatch, normaliser: float):
+        """This micro-batch's share of the step's loss, and its per-micro-batch metrics."""
         args, device = self.args, self.accelerator.device
         logp, entropy = self.logprobs(micro.batch, with_entropy=True)
         old = micro.old.to(device) if micro.old is not None else logp.detach()
+        behaviour, mask = micro.behaviour.to(device), micro.mask.to(device)
+        real = micro.batch.completion_mask.bool()
         weights = None
         if args.importance_sampling_cap is not None:
-            weights = torch.exp(old - micro.behaviour.to(device)).clamp(max=args.importance_sampling_cap)
-        out = policy_loss(logp, old, micro.advantages.to(device), micro.mask.to(device), normaliser=normaliser,
+            weights = torch.exp(old - behaviour).clamp(max=args.importance_sampling_cap)
+        ratios = sequence_ratios(old, behaviour, real)
+        keep = torch.ones_like(ratios, dtype=torch.bool)
+        if args.importance_sampling_sequence_band is not None:
+            keep = within_band(ratios, *args.importance_sampling_sequence_band)
+            mask = mask & keep[:, None]
+        out = policy_loss(logp, old, micro.advantages.to(device), mask, normaliser=normaliser,
                           loss_type=args.loss_type, epsilon_low=args.epsilon, epsilon_high=args.epsilon_upper,
                           ref_logp=micro.ref.to(device) if micro.ref is not None else None, beta=args.beta,
                           importance_weights=weights)
         if not micro.rows:
             out.loss = out.loss * 0.0  # keeps the graph (and so every collective) without training anything
-        return out, entropy, old, weights
+        count = max(1.0, out.tokens.item())
+        gap = (behaviour - old)[real]
+        logged = {"entropy": entropy[real].mean().item(), "clip_ratio/low_mean": out.clipped_low.item() / count,
+                  "clip_ratio/high_mean": out.clipped_high.item() / count,
+                  "is/logprob_gap": gap.abs().mean().item() if gap.numel() else 0.0,
+                  # KL(sampler || learner) estimated on the sampled tokens
+                  "is/mismatch_kl": gap.mean().item() if gap.numel() else 0.0,
+                  "is/ratio_mean": ratios.mean().item(), "is/rejected_fraction": 1.0 - keep.float().mean().item()}
+        if weights is not None:
+            logged["is/weight_mean"] = weights[real].mean().item()
+        return out, logged
 
     def _clip_gradients(self) -> float | None:
         """Clip to ``max_grad_norm`` and return the norm before clipping (DeepSpeed clips inside its engine, per
