@@ -2,7 +2,7 @@
 the previous complete checkpoint or the new complete one, never a half-written one.
 
 Layout of ``checkpoint-<step>/``: ``trainable.safetensors`` (the trainable parameters: adapter pools or full
-weights), ``trainer_state.pt`` (optimizer, scheduler, buffer, data position, step; plain tensors and numbers,
+weights), ``trainer_state.pt`` (optimizer, scheduler, data position, step; plain tensors and numbers,
 loaded with ``weights_only=True``), ``rank_state_<rank>.pt`` per process (random-number generators, sample buffer,
 replay), and ``COMPLETE``.
 

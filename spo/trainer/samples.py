@@ -69,10 +69,6 @@ class TrainBatch:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def is_idle(self, i: int) -> bool:
-        """Row ``i`` carries no policy gradient: its advantage is zero on every trained token."""
-        return not bool(((self.advantages[i] != 0) & self.loss_masks[i]).any())
-
 
 def loss_mask(sample: Sample, use_probability_mask: bool, threshold: float, mask_truncated: bool) -> torch.Tensor:
     mask = torch.ones(len(sample.completion_ids), dtype=torch.bool)
