@@ -6,8 +6,12 @@ tokens per second for both, and the ratio: both in float32, then both with their
 ours: ``bf16`` plus ``rollout_dtype="bfloat16"``). Then SPO-chain's cost per step broken into generate / Monte
 Carlo / update.
 
+TRL's GRPOConfig turns gradient checkpointing on by default (a second forward pass in its backward); ours has it off.
+Both sides run with it off unless ``--trl-gradient-checkpointing`` (TRL only). ``--threads`` sets the torch threads
+each side runs with (state it with every ratio: the ratio depends on it).
+
     pip install -e ".[bench]"      # TRL, only for this benchmark
-    python benchmarks/vs_trl.py [--steps 4] [--skip-trl] [--skip-spo]
+    python benchmarks/vs_trl.py [--steps 4] [--threads 2] [--skip-trl] [--skip-spo] [--trl-gradient-checkpointing]
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ def dataset(steps: int):
     return make_arithmetic_task("train", PROMPTS * steps, seed=11)
 
 
-def run_trl(steps: int, bf16: bool = False) -> dict:
+def run_trl(steps: int, bf16: bool = False, gradient_checkpointing: bool = False) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     from rewards import numeric_accuracy
@@ -56,7 +60,7 @@ def run_trl(steps: int, bf16: bool = False) -> dict:
         args = GRPOConfig(output_dir=out, per_device_train_batch_size=PROMPTS * GENERATIONS,
                           num_generations=GENERATIONS, max_completion_length=NEW_TOKENS, temperature=1.0, beta=0.0,
                           max_steps=steps, learning_rate=1e-4, logging_steps=1, use_cpu=True, report_to="none",
-                          save_strategy="no", seed=0, bf16=bf16)
+                          save_strategy="no", seed=0, bf16=bf16, gradient_checkpointing=gradient_checkpointing)
         trainer = GRPOTrainer(model=model, reward_funcs=numeric_accuracy, args=args, train_dataset=dataset(steps),
                               processing_class=tokenizer, peft_config=lora())
         start = time.perf_counter()
@@ -108,29 +112,38 @@ def main() -> None:
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--skip-spo", action="store_true")
     parser.add_argument("--skip-bf16", action="store_true", help="only the float32 runs")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--trl-gradient-checkpointing", action="store_true",
+                        help="TRL with gradient checkpointing (its default); ours never uses it here")
     parser.add_argument("--json", help="also write the figures to this file")
     options = parser.parse_args()
+    if options.threads:
+        torch.set_num_threads(options.threads)
     setup_cpu_math()
+    checkpointing = options.trl_gradient_checkpointing
     torch.manual_seed(0)
     figures = {"ours_grpo": run_ours(options.steps)}
     if not options.skip_trl:
-        figures["trl_grpo"] = run_trl(options.steps)
+        figures["trl_grpo"] = run_trl(options.steps, gradient_checkpointing=checkpointing)
     if not options.skip_bf16:
         reset_accelerate()  # accelerate's process-wide state keeps its first mixed-precision setting
         figures["ours_grpo_bf16"] = run_ours(options.steps, fast=True)
         if not options.skip_trl:
             reset_accelerate()
-            figures["trl_grpo_bf16"] = run_trl(options.steps, bf16=True)
+            figures["trl_grpo_bf16"] = run_trl(options.steps, bf16=True, gradient_checkpointing=checkpointing)
     if not options.skip_spo:
         reset_accelerate()
         figures["ours_spo_chain"] = run_ours(options.steps, "spo_chain", fast=not options.skip_bf16)
 
     print(f"\nGRPO, {PROMPTS} prompts x {GENERATIONS} generations, <= {NEW_TOKENS} new tokens, LoRA r16, "
-          f"{options.steps} steps, {torch.get_num_threads()} CPU threads")
-    print(f"{'trainer':<16}{'s/step':>10}{'tokens/s':>12}")
+          f"{options.steps} steps, {torch.get_num_threads()} CPU threads, TRL gradient checkpointing "
+          f"{'on' if checkpointing else 'off'}")
+    print(f"{'trainer':<16}{'s/step':>10}{'tokens/s':>12}{'our update s':>14}")
     for name in ("trl_grpo", "ours_grpo", "trl_grpo_bf16", "ours_grpo_bf16"):
         if name in figures:
-            print(f"{name:<16}{figures[name]['seconds_per_step']:>10.1f}{figures[name]['tokens_per_second']:>12.1f}")
+            update = figures[name].get("timing/update")
+            print(f"{name:<16}{figures[name]['seconds_per_step']:>10.1f}{figures[name]['tokens_per_second']:>12.1f}"
+                  f"{'' if update is None else f'{update:.1f}':>14}")
     for ours, trl in (("ours_grpo", "trl_grpo"), ("ours_grpo_bf16", "trl_grpo_bf16"), ("ours_grpo_bf16", "trl_grpo")):
         if ours in figures and trl in figures:
             ratio = figures[ours]["tokens_per_second"] / figures[trl]["tokens_per_second"]

@@ -174,8 +174,10 @@ def test_two_processes_train_what_one_process_trains_and_resume_exactly(tmp_path
     assert report["distributed_type"].endswith("FSDP" if "fsdp" in config else "MULTI_CPU")
     assert sorted(reference) == report["names"] == sorted(sharded)
     single_report = json.loads((one / "world1.json").read_text())
+    # each process packs different micro-batches, so float32 sums run in another order: after two AdamW steps of lr
+    # 1e-2 the weights agree to ~6e-6 (a sample trained twice or left out would move them by ~1e-2)
     for name, value in reference.items():
-        torch.testing.assert_close(sharded[name], value, rtol=1e-4, atol=2e-6, msg=name)
+        torch.testing.assert_close(sharded[name], value, rtol=1e-4, atol=2e-5, msg=name)
     assert report["grad_norm"] == pytest.approx(single_report["grad_norm"], rel=1e-4)  # of the whole batch
     assert report["third_update_moved"] > 1e-4  # the update after the reload trains
     assert report["resume_error"] < 1e-6

@@ -104,7 +104,8 @@ def test_idle_rows_are_skipped_without_changing_the_update(tmp_path, loss_type, 
     assert len(pruned_grads) == len(full_grads) == 2
     for step_pruned, step_full in zip(pruned_grads, full_grads):
         for name, grad in step_full.items():
-            torch.testing.assert_close(step_pruned[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+            torch.testing.assert_close(step_pruned[name], grad, rtol=1e-5, atol=1e-5 * float(grad.abs().max()),
+                                       msg=name)
 
 
 def test_padding_micro_batches_train_nothing(tmp_path):
@@ -175,3 +176,17 @@ def test_completions_outside_the_sequence_band_train_nothing(tmp_path):
     _, expected = update_capturing_gradients(without, args, zeroed)
     for name, grad in expected[0].items():
         torch.testing.assert_close(grads[0][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_replayed_samples_use_their_own_old_logprobs_and_fresh_ones_the_current_policy(tmp_path):
+    """One optimisation pass: a replayed sample's ratio is against its stored (behaviour) log-probs, a fresh
+    sample's against the learner's own log-probs in the same pass (ratio 1), in the same micro-batch."""
+    samples = make_samples(count=4)
+    for sample in samples:
+        sample.advantages = sample.advantages.abs() + 0.5
+    samples[0].old_logprobs = torch.full_like(samples[0].behaviour_logprobs, -30.0)  # ratio ~e^20: clipped
+    learner, args = learner_for(tmp_path, per_device_train_batch_size=4, importance_sampling_cap=None, beta=0.0)
+    metrics = learner.update(train_batch(samples, args), step=0)
+    total = sum(len(s.completion_ids) for s in samples)
+    assert metrics["clip_ratio/high_mean"] == pytest.approx(len(samples[0].completion_ids) / total)
+    assert metrics["clip_ratio/low_mean"] == 0.0

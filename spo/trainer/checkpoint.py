@@ -8,7 +8,7 @@ replay), and ``COMPLETE``.
 
 A visible ``checkpoint-<step>`` folder only ever appears or disappears by one rename: a new one is published from
 ``.checkpoint-<step>.partial``, one it replaces or one rotation deletes is first renamed to a hidden name and only
-then removed. Hidden leftovers of a killed run (``.checkpoint-*``) are cleaned up by the next save.
+then removed. Hidden leftovers of a killed run (``.checkpoint-*``) are cleaned up on resuming and by the next save.
 """
 
 from __future__ import annotations

@@ -72,6 +72,8 @@ class GRPOConfig:
     max_grad_norm: float = _f(1.0, "clip the gradient norm to this; 0: no clipping")
     num_iterations: int = _f(1, "optimisation passes over each generated batch")
     per_device_train_batch_size: int = _f(8, "completions per micro-batch")
+    learner_packing: Literal["prefix_tree", "padding_free", "padded"] = _f(
+        "prefix_tree", "micro-batch layout: one packed row, shared prefixes once / packed, no sharing / padded rows")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
     bf16: bool | None = _f(None, "bfloat16 autocast for the learner (trained weights stay float32); null: as the launcher "

@@ -24,7 +24,9 @@ from accelerate.utils import DistributedType
 from ..errors import ConfigError
 from ..loss import policy_loss, sequence_ratios, within_band
 from .distributed import shards_weights
-from .logprobs import completion_logprobs
+from .logprobs import batch_logprobs, packing_unsupported, unwrapped_model
+from .tree_attention import packed_tree_attention_on
+from .packing import PackedBatch, pack
 from .samples import Batch, TrainBatch, collate, pad_rows
 
 logger = logging.getLogger(__name__)
@@ -32,16 +34,17 @@ logger = logging.getLogger(__name__)
 LEARNER_METRICS = ("loss", "kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "grad_norm",
                    "is/logprob_gap", "is/weight_mean", "is/ratio_mean", "is/rejected_fraction", "is/mismatch_kl",
                    "spo/masked_token_fraction", "train/idle_rows_skipped",
-                   "train/padding_micro_batches")
+                   "train/padding_micro_batches", "train/shared_token_fraction", "train/forward_tokens")
 
 
 @dataclass
 class MicroBatch:
-    batch: Batch
+    batch: Batch | PackedBatch
     behaviour: torch.Tensor  # [B, T]
     advantages: torch.Tensor  # [B, T]
     mask: torch.Tensor  # bool [B, T]: trained tokens
-    old: torch.Tensor | None  # [B, T] learner log-probs before the update (None: the current ones, detached)
+    old: torch.Tensor | None  # [B, T] log-probs of the policy the update moves from (None or NaN rows: the
+    # learner's current ones, detached)
     ref: torch.Tensor | None  # [B, T] reference log-probs (KL)
     tokens: int  # trained tokens, counted before idle rows were dropped (loss denominators)
     rows: int  # real rows, likewise (0 for a padding micro-batch)
@@ -77,6 +80,11 @@ class Learner:
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.trainable_names = [n for n, p in self.unwrapped.named_parameters() if p.requires_grad]
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]  # FSDP's, once sharded
+        self.packing = args.learner_packing
+        reason = packing_unsupported(self.unwrapped) if self.packing != "padded" else None
+        if reason:
+            logger.warning("learner_packing=%s is not possible (%s): the learner pads instead", self.packing, reason)
+            self.packing = "padded"
 
     @property
     def unwrapped(self):
@@ -142,15 +150,15 @@ class Learner:
 
     # --- log-probs -------------------------------------------------------------------------------------------------
 
-    def logprobs(self, batch: Batch, with_entropy: bool = False):
+    def logprobs(self, batch: Batch | PackedBatch, with_entropy: bool = False):
         """Completion log-probs under the trained model (the prepared one, so DDP/FSDP hooks run)."""
-        return completion_logprobs(self.model, batch, self.args.temperature, with_entropy=with_entropy)
+        return batch_logprobs(self.model, batch, self.args.temperature, with_entropy=with_entropy)
 
     @torch.no_grad()
-    def reference_logprobs(self, batch: Batch) -> torch.Tensor:
+    def reference_logprobs(self, batch: Batch | PackedBatch) -> torch.Tensor:
         with self.accelerator.autocast():
             if self.reference is not None:
-                return completion_logprobs(self.reference, batch, self.args.temperature)
+                return batch_logprobs(self.reference, batch, self.args.temperature)
             # PEFT toggles the adapters' requires_grad on entering and leaving: under FSDP2 that must happen to the
             # sharded parameters, not to gathered copies that would keep requires_grad=False
             self._reshard()
@@ -161,27 +169,36 @@ class Learner:
 
     # --- the update ------------------------------------------------------------------------------------------------
 
+    def _collate(self, prompts: list[list[int]], completions: list[list[int]]) -> Batch | PackedBatch:
+        if self.packing == "padded":
+            return collate(prompts, completions, self.pad_token_id)
+        return pack(prompts, completions, share=self.packing == "prefix_tree")
+
     def _micro_batch(self, train: TrainBatch, rows: list[int], need_old: bool) -> MicroBatch:
         device = self.accelerator.device
         if rows:
             samples = [train.samples[i] for i in rows]
-            batch = collate([s.prompt_ids for s in samples], [s.completion_ids for s in samples], self.pad_token_id)
+            batch = self._collate([s.prompt_ids for s in samples], [s.completion_ids for s in samples])
             width = batch.completion_mask.shape[1]
             behaviour = pad_rows([s.behaviour_logprobs for s in samples], width)
             advantages = pad_rows([train.advantages[i] for i in rows], width)
             mask = pad_rows([train.loss_masks[i] for i in rows], width, dtype=torch.bool)
         else:  # padding: one pad-token row that trains nothing
             samples = []
-            batch = collate([[self.pad_token_id]], [[self.pad_token_id]], self.pad_token_id)
+            batch = self._collate([[self.pad_token_id]], [[self.pad_token_id]])
             behaviour, advantages = torch.zeros(1, 1), torch.zeros(1, 1)
             mask = torch.zeros(1, 1, dtype=torch.bool)
         batch = batch.to(device)
-        old = None
         if need_old:
             with torch.no_grad(), self.accelerator.autocast():  # the same precision as the learner's pass
                 current = self.logprobs(batch).cpu()
             old = torch.stack([pad_rows([s.old_logprobs], current.shape[1])[0] if s.old_logprobs is not None
                                else current[i] for i, s in enumerate(samples)]) if samples else current
+        else:  # NaN rows: the learner's own log-probs in the training pass (detached)
+            old = pad_rows([s.old_logprobs if s.old_logprobs is not None else torch.full((1,), math.nan)
+                            for s in samples], behaviour.shape[1], value=math.nan) if samples else None
+            if old is not None and bool(old.isnan().all()):
+                old = None
         ref = self.reference_logprobs(batch).cpu() if self.args.beta > 0 else None
         self._reshard()
         return MicroBatch(batch, behaviour, advantages, mask, old, ref, tokens=int(mask.sum()), rows=len(samples))
@@ -190,15 +207,20 @@ class Learner:
         """The local micro-batches, padded to the same count on every process (and, under DeepSpeed, to whole
         accumulation steps, since its engine steps the optimizer every ``gradient_accumulation_steps`` passes)."""
         size = self.args.per_device_train_batch_size
-        groups = [list(range(i, min(i + size, len(train)))) for i in range(0, len(train), size)]
+        order = list(range(len(train)))
+        if self.packing == "prefix_tree":  # samples answering the same prompt share a micro-batch where they can
+            order.sort(key=lambda i: train.samples[i].dataset_row)
+        groups = [order[i:i + size] for i in range(0, len(order), size)]
         count = self._max(len(groups))
         if self.deepspeed:
             count = math.ceil(count / self.args.gradient_accumulation_steps) * self.args.gradient_accumulation_steps
         self._padding = count - len(groups)
         groups += [[] for _ in range(self._padding)]
-        # old log-probs are computed on every process or on none: under FSDP the passes are collectives too
-        replayed = any(s.old_logprobs is not None for s in train.samples)
-        need_old = self.args.num_iterations > 1 or bool(self._max(int(replayed)))
+        # Before an update of several passes over the samples, the policy they came from is the model as it is
+        # now: its log-probs are computed first. In one pass, each micro-batch's own detached log-probs stand for
+        # them (ratio 1, no extra forward pass), also in later optimizer steps of the update; a replayed sample
+        # brings its own (its behaviour policy's).
+        need_old = self.args.num_iterations > 1
         return [self._micro_batch(train, rows, need_old) for rows in groups]
 
     def _normalisers(self, chunks: list[list[MicroBatch]]) -> list[float]:
@@ -218,16 +240,30 @@ class Learner:
     def update(self, train: TrainBatch, step: int) -> dict[str, float]:
         """``num_iterations`` passes of clipped policy-gradient steps over ``train``; returns this process's
         metrics (means over micro-batches, and ``kl`` over trained tokens)."""
+        if self.packing == "padded":
+            return self._update(train, step)
+        # the packed attention stays selected through the backward passes (recomputed under gradient checkpointing)
+        models = [unwrapped_model(self.unwrapped)] + ([self.reference] if self.reference is not None else [])
+        with contextlib.ExitStack() as stack:
+            for model in models:
+                stack.enter_context(packed_tree_attention_on(model))
+            return self._update(train, step)
+
+    def _update(self, train: TrainBatch, step: int) -> dict[str, float]:
         args = self.args
         prepared = self._micro_batches(train)
         real_tokens = sum(int(m.batch.completion_mask.sum()) for m in prepared if m.rows)
         metrics = {"spo/masked_token_fraction": sum(m.tokens for m in prepared) / max(1, real_tokens),
                    "train/padding_micro_batches": float(self._padding)}
         if args.beta == 0:
-            before = sum(m.batch.input_ids.shape[0] for m in prepared if m.rows)
+            before = sum(m.batch.rows for m in prepared if m.rows)
             prepared = [_without_idle_rows(m) for m in prepared]
-            metrics["train/idle_rows_skipped"] = float(before - sum(m.batch.input_ids.shape[0] for m in prepared
-                                                                    if m.rows))
+            metrics["train/idle_rows_skipped"] = float(before - sum(m.batch.rows for m in prepared if m.rows))
+        metrics["train/forward_tokens"] = float(sum(m.batch.input_ids.numel() for m in prepared if m.rows))
+        packed = [m.batch for m in prepared if m.rows and isinstance(m.batch, PackedBatch)]
+        if packed:
+            metrics["train/shared_token_fraction"] = 1.0 - (sum(b.input_ids.shape[1] for b in packed)
+                                                            / sum(b.unshared_tokens for b in packed))
         self.unwrapped.train()
         accumulate = args.gradient_accumulation_steps
         # accelerate divides each backward's loss by its own accumulation count (DeepSpeed's engine does the same);
@@ -268,7 +304,8 @@ class Learner:
         """This micro-batch's share of the step's loss, and its per-micro-batch metrics."""
         args, device = self.args, self.accelerator.device
         logp, entropy = self.logprobs(micro.batch, with_entropy=True)
-        old = micro.old.to(device) if micro.old is not None else logp.detach()
+        old = logp.detach() if micro.old is None else torch.where(micro.old.isnan().to(device), logp.detach(),
+                                                                  micro.old.to(device))
         behaviour, mask = micro.behaviour.to(device), micro.mask.to(device)
         real = micro.batch.completion_mask.bool()
         weights = None
@@ -395,8 +432,5 @@ def _without_idle_rows(micro: MicroBatch) -> MicroBatch:
         active[0] = True
     keep = active.nonzero().squeeze(1)
     pick = lambda t: t.index_select(0, keep.to(t.device)) if t is not None else None  # noqa: E731
-    b = micro.batch
-    batch = Batch(pick(b.input_ids), pick(b.attention_mask), pick(b.position_ids), pick(b.completion_mask),
-                  b.prompt_width)
-    return MicroBatch(batch, pick(micro.behaviour), pick(micro.advantages), pick(micro.mask), pick(micro.old),
-                      pick(micro.ref), micro.tokens, micro.rows)
+    return MicroBatch(micro.batch.select(keep.tolist()), pick(micro.behaviour), pick(micro.advantages),
+                      pick(micro.mask), pick(micro.old), pick(micro.ref), micro.tokens, micro.rows)

@@ -109,9 +109,19 @@ class Batch:
     completion_mask: torch.Tensor  # [B, T] real completion tokens
     prompt_width: int
 
+    @property
+    def rows(self) -> int:
+        return self.input_ids.shape[0]
+
     def to(self, device) -> "Batch":
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device),
                      self.completion_mask.to(device), self.prompt_width)
+
+    def select(self, rows: list[int]) -> "Batch":
+        index = torch.tensor(rows, dtype=torch.long, device=self.input_ids.device)
+        pick = lambda t: t.index_select(0, index)  # noqa: E731
+        return Batch(pick(self.input_ids), pick(self.attention_mask), pick(self.position_ids),
+                     pick(self.completion_mask), self.prompt_width)
 
 
 def collate(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> Batch:

@@ -78,6 +78,8 @@ class CheckpointingMixin:
         return final
 
     def resume(self, which: str) -> None:
+        if self.accelerator.is_main_process:  # a run killed while rotating its last checkpoint saves no more
+            ckpt.clean_partials(self.output_dir)
         path = ckpt.resolve(self.output_dir, which)
         if path is None:
             logger.info("no checkpoint in %s: starting from scratch", self.output_dir)
