@@ -60,7 +60,10 @@ def run_variant(name: str, seed: int, budget: int, out: Path, eval_limit: int) -
     if algorithm != "spo_chain":
         for key in SPO_ONLY_KEYS:
             train.pop(key, None)
-    train.update(train_overrides, seed=seed, max_steps=10_000, max_generated_tokens=budget, save_steps=None,
+    # the token budget ends the run, so the step count is not known in advance: a constant learning rate (a
+    # "linear" decay over a placeholder max_steps would be constant in all but name)
+    train.update(train_overrides, seed=seed, max_steps=10_000, lr_scheduler_type="constant",
+                 max_generated_tokens=budget, save_steps=None,
                  report_to=["none"], output_dir=str(out / f"{name}-seed{seed}"), log_completions=False)
     recipe.train = train
     recipe.dataset.seed = seed

@@ -25,9 +25,9 @@ from ..errors import ConfigError
 from ..loss import policy_loss, sequence_ratios, within_band
 from .distributed import shards_weights
 from .logprobs import batch_logprobs, packing_unsupported, unwrapped_model
-from .tree_attention import packed_tree_attention_on
 from .packing import PackedBatch, pack
 from .samples import Batch, TrainBatch, collate, pad_rows
+from .tree_attention import packed_tree_attention_on
 
 logger = logging.getLogger(__name__)
 
