@@ -404,3 +404,16 @@ def test_evaluation_decodes_a_merged_copy_with_the_policys_greedy_tokens(tmp_pat
     assert copy is not trainer.unwrapped and not hasattr(copy, "peft_config")
     assert all(p.dtype == torch.float32 for p in copy.parameters())
     assert (copy is trainer.sampling_model) == (rollout_dtype == "float32")  # a float32 rollout copy is reused
+
+
+def test_a_requested_interrupt_stops_training_at_the_next_step(tmp_path, task, embedded_tokenizer):
+    """``spo train``'s SIGINT handler sets ``interrupt_requested``: should the KeyboardInterrupt itself be swallowed
+    (raised inside a ``__del__``), the loop still stops before the next step."""
+    args = GRPOConfig(**_common(tmp_path))
+    trainer = GRPOTrainer(model=tiny_model(seed=0), reward_funcs=[vowel_share], args=args, train_dataset=task,
+                          processing_class=embedded_tokenizer)
+    trainer.interrupt_requested = True
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert trainer.step == 0 and not list((tmp_path / "run").glob("checkpoint-*"))
+    trainer.close()

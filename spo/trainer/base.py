@@ -142,6 +142,7 @@ class RLTrainer(CheckpointingMixin, TrackingMixin):
                                                 target_fraction=args.buffer_target_fraction,
                                                 seed=args.seed + 7919 * self.accelerator.process_index)
         self.step = 0
+        self.interrupt_requested = False  # set by ``spo train``'s SIGINT handler
         self.tokens_generated = 0  # over all processes, rollouts and Monte Carlo continuations alike
         self.data_epoch = 0
         self.data_position = 0
@@ -242,6 +243,8 @@ class RLTrainer(CheckpointingMixin, TrackingMixin):
         """From ``self.step`` to ``max_steps`` (or the token budget); ``bar`` shows each step's reward and speed."""
         args = self.args
         for step in range(self.step, args.max_steps):
+            if self.interrupt_requested:  # a Ctrl-C whose KeyboardInterrupt was swallowed (raised inside a __del__)
+                raise KeyboardInterrupt
             self.step = step
             self._metrics = {}
             started = time.perf_counter()

@@ -19,7 +19,9 @@ import json
 import logging
 import os
 import re
+import signal
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -254,6 +256,18 @@ def train_from_recipe(path: str, overrides: list[str] | None = None) -> int:
     """``spo train``: build the recipe's trainer, evaluate, train, evaluate. Ctrl-C raises :class:`Interrupted`
     (a KeyboardInterrupt) whose message says at which step it stopped."""
     trainer = None
+
+    def on_sigint(signum, frame):
+        # Python raises KeyboardInterrupt wherever the main thread is, and one raised inside a __del__ or a weakref
+        # callback is printed and dropped: the flag makes the training loop stop at the next step regardless
+        if trainer is not None:
+            trainer.interrupt_requested = True
+        raise KeyboardInterrupt
+
+    installed = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT)
+    if installed:
+        signal.signal(signal.SIGINT, on_sigint)
     try:
         recipe = load_recipe(path, overrides)
         trainer = build_trainer(recipe)
@@ -265,6 +279,9 @@ def train_from_recipe(path: str, overrides: list[str] | None = None) -> int:
         if isinstance(interrupt, Interrupted):
             raise
         raise Interrupted(interrupted_message(trainer)) from None
+    finally:
+        if installed and previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _train_and_evaluate(recipe: Recipe, trainer) -> int:
