@@ -35,15 +35,18 @@ AttentionInterface.register(ATTENTION_NAME, rollout_attention)
 
 
 @contextlib.contextmanager
-def scored_attention(model, enabled: bool):
-    """Select ``rollout_attention`` on ``model`` inside the block (when ``enabled``), restoring the original."""
-    if not enabled:
-        yield
-        return
+def attention_selected(model, name: str):
+    """Select the registered attention function ``name`` on ``model``'s config inside the block, restoring the
+    original after it."""
     config = model.config
     original = config._attn_implementation
-    config._attn_implementation = ATTENTION_NAME
+    config._attn_implementation = name
     try:
         yield
     finally:
         config._attn_implementation = original
+
+
+def scored_attention(model, enabled: bool):
+    """``rollout_attention`` selected on ``model`` inside the block (when ``enabled``)."""
+    return attention_selected(model, ATTENTION_NAME) if enabled else contextlib.nullcontext()

@@ -43,7 +43,6 @@ class TreeAttention:
 class PackedBatch:
     input_ids: torch.Tensor  # [1, N] the trie's tokens
     position_ids: torch.Tensor  # [1, N] each token's position in its own sequence
-    parents: torch.Tensor  # [N] the previous token of its sequence (-1: the first)
     predictors: torch.Tensor  # [B, T] packed index whose output predicts completion token t of sample b
     completion_mask: torch.Tensor  # [B, T] real completion tokens (long)
     prompts: list[list[int]]
@@ -111,7 +110,7 @@ def pack(prompts: list[list[int]], completions: list[list[int]], share: bool = T
         predictors[b, :len(completion)] = torch.tensor(path[start:start + len(completion)], dtype=torch.long)
         completion_mask[b, :len(completion)] = 1
     return PackedBatch(torch.tensor([tokens], dtype=torch.long), torch.tensor([positions], dtype=torch.long),
-                       torch.tensor(parents, dtype=torch.long), predictors, completion_mask,
+                       predictors, completion_mask,
                        [list(p) for p in prompts], [list(c) for c in completions], share, tree_attention(parents))
 
 

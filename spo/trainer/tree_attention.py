@@ -12,13 +12,14 @@ with plain causal attention over the packed row.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from ..rollout.attention import attention_selected
 
 ATTENTION_NAME = "spo_packed_tree"
 
@@ -60,16 +61,9 @@ AttentionInterface.register(ATTENTION_NAME, packed_tree_attention)
 AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
-@contextlib.contextmanager
 def packed_tree_attention_on(model):
-    """Select ``packed_tree_attention`` on ``model`` (unwrapped) inside the block (a no-op when it already is)."""
-    config = model.config
-    original = config._attn_implementation
-    config._attn_implementation = ATTENTION_NAME
-    try:
-        yield
-    finally:
-        config._attn_implementation = original
+    """``packed_tree_attention`` selected on ``model`` (unwrapped) inside the block (nested uses are harmless)."""
+    return attention_selected(model, ATTENTION_NAME)
 
 
 def check_every_layer_ran(model, packed_pass: PackedPass) -> None:
