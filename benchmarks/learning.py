@@ -49,9 +49,10 @@ VARIANTS: dict[str, tuple[str, dict, dict | None]] = {
 SPO_ONLY_KEYS = ("mc_samples", "cutpoint_interval", "max_mc_states_per_step", "group_prompt_value")
 
 
-def run_variant(name: str, seed: int, budget: int, out: Path, eval_limit: int) -> dict:
+def variant_recipe(name: str, seed: int, budget: int, out: Path, eval_limit: int):
+    """The quickstart recipe with variant ``name``'s changes, ending at ``budget`` generated tokens."""
     from spo.config import load_config
-    from spo.trainer.run import Recipe, build_trainer
+    from spo.trainer.run import Recipe
 
     algorithm, train_overrides, peft = VARIANTS[name]
     recipe = load_config(Recipe, ROOT / "recipes" / "quickstart.yaml")
@@ -70,8 +71,14 @@ def run_variant(name: str, seed: int, budget: int, out: Path, eval_limit: int) -
     recipe.eval_dataset.limit = eval_limit
     if peft is not None:
         recipe.peft = peft
+    return recipe
+
+
+def run_variant(name: str, seed: int, budget: int, out: Path, eval_limit: int) -> dict:
+    from spo.trainer.run import build_trainer
+
     started = time.perf_counter()
-    trainer = build_trainer(recipe)
+    trainer = build_trainer(variant_recipe(name, seed, budget, out, eval_limit))
     history = trainer.train()
     accuracy = trainer.evaluate()["accuracy"]
     return {"variant": name, "seed": seed, "accuracy": accuracy, "tokens": trainer.tokens_generated,

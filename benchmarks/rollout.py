@@ -8,11 +8,13 @@
    between minutes). Ours is also timed with prepacking off (``pack_weights=False``), to show what it adds.
 2. Prefix forking: K continuations of P prefixes (prompt + the first tokens of a rollout) with one shared
    encoding per prefix, versus encoding every continuation's prefix.
-3. KV policies at 25/50/75% budgets: peak KV bytes versus a full cache, and accuracy on the arithmetic task
+3. KV policies at 25/50/75% budgets: peak KV bytes versus a padded dense cache (what HF's cache holds) and versus
+   our own full-cache policy (no padding, finished rows leave the batch), and accuracy on the arithmetic task
    (greedy, ``rewards.accuracy.numeric_accuracy``).
 
     python benchmarks/rollout.py                                   # everything (about 27 minutes on 2 cores)
     python benchmarks/rollout.py --batches 8 --new-tokens 32 --problems 8 --skip-hf   # a quick look
+    python benchmarks/rollout.py --sections profile --batches 32       # where the time goes, ours and HF's
 """
 
 from __future__ import annotations
@@ -117,20 +119,47 @@ def forking(model, tokenizer, args) -> None:
         print(f"| {label} | {stats['prefill_tokens']} | {stats['seconds']:.2f} | {stats['rollouts']} |", flush=True)
 
 
+def profile(model, tokenizer, args) -> None:
+    """Where the time goes: one float32 call of ours and of HF ``generate`` at the first ``--batches`` size, under
+    ``torch.profiler``, operators by self CPU time (the profiles quoted in RESULTS.md)."""
+    from torch.profiler import ProfilerActivity, profile as profiled
+
+    batch = args.batches[0]
+    prompts, _ = arithmetic(tokenizer, batch)
+    params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.7, seed=0)
+    generator = Generator(model, tokenizer)
+    generator.generate(prompts, params)  # warm-up (weight prepacking)
+    calls = {"ours": lambda: generator.generate(prompts, params).stats["tokens_generated"],
+             "HF generate": lambda: hf_generate(model, tokenizer, prompts, args.new_tokens, seed=0)[0]}
+    for name, call in calls.items():
+        if name != "ours" and args.skip_hf:
+            continue
+        with profiled(activities=[ProfilerActivity.CPU]) as profiler:
+            started = time.perf_counter()
+            tokens = call()
+            seconds = time.perf_counter() - started
+        print(f"\n## Profile: {name}, batch {batch}, float32, {tokens} tokens in {seconds:.1f} s under the profiler\n")
+        print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
+
+
 def policies(model, tokenizer, args) -> None:
     prompts, answers = arithmetic(tokenizer, args.problems)
     params = SamplingParams(max_new_tokens=args.new_tokens, greedy=True)
     print(f"\n## KV policies: {len(prompts)} arithmetic problems, greedy, {args.new_tokens} new tokens\n")
-    print("| policy | budget | budget tokens | peak KV MB | full KV MB | peak / full | accuracy | tok/s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| policy | budget | budget tokens | peak KV MB | full KV MB | peak / full | peak / our full | accuracy "
+          "| tok/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     runs = [("full", None)] + [(p, b) for p in args.policies for b in args.budgets]
+    ours_full = None  # peak of our own full-cache policy (the first run): no padding, finished rows leave
     for name, budget in runs:
         batch = Generator(model, tokenizer, kv_policy=name, kv_budget=budget).generate(prompts, params)
         stats = batch.stats
+        ours_full = ours_full or stats["peak_kv_bytes"]
         accuracy = sum(numeric_accuracy(completions=[r.text for r in batch.rollouts], answer=answers)) / len(answers)
         print(f"| {name} | {'-' if budget is None else f'{budget:.0%}'} | {stats['kv_budget_tokens'] or '-'} | "
               f"{stats['peak_kv_bytes'] / 2**20:.1f} | {stats['full_kv_bytes'] / 2**20:.1f} | "
-              f"{stats['peak_kv_bytes'] / stats['full_kv_bytes']:.2f} | {accuracy:.3f} | "
+              f"{stats['peak_kv_bytes'] / stats['full_kv_bytes']:.2f} | {stats['peak_kv_bytes'] / ours_full:.2f} | "
+              f"{accuracy:.3f} | "
               f"{stats['tokens_per_second']:.1f} |", flush=True)
 
 
@@ -150,7 +179,9 @@ def main() -> None:
     parser.add_argument("--policies", type=lambda s: s.split(","), default=COMPRESSED)
     parser.add_argument("--budgets", type=lambda s: [float(x) for x in s.split(",")], default=[0.25, 0.5, 0.75])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--sections", default="throughput,forking,policies")
+    parser.add_argument("--sections", default="throughput,forking,policies",
+                        help="comma-separated, of throughput, forking, policies, profile")
+    parser.add_argument("--profile-rows", type=int, default=25, help="operators the profile section prints")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
@@ -159,7 +190,7 @@ def main() -> None:
     model = load_model(EMBEDDED_MODEL).eval()
     tokenizer = load_tokenizer(EMBEDDED_MODEL)
     print(f"# spo.rollout on {EMBEDDED_MODEL} (fp32, CPU, {torch.get_num_threads()} threads)")
-    sections = {"throughput": throughput, "forking": forking, "policies": policies}
+    sections = {"throughput": throughput, "forking": forking, "policies": policies, "profile": profile}
     for name in args.sections.split(","):
         sections[name](model, tokenizer, args)
 

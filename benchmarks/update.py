@@ -8,6 +8,11 @@ warm-up run), the tokens each layout computes, the speed-up of prefix sharing, a
 (the step's rollout and Monte Carlo time measured in the same run).
 
     python benchmarks/update.py [--repeats 3] [--algorithms grpo spo_chain spo_tree] [--json out.json]
+    python benchmarks/update.py --algorithms grpo --layouts prefix_tree --profile 25   # where the time goes
+    python benchmarks/update.py --algorithms grpo --layouts prefix_tree --float32 --profile 25
+
+``--profile N`` runs each layout once more under ``torch.profiler`` and prints its N most expensive operators
+(self CPU time), the profiles quoted in ``benchmarks/RESULTS.md``.
 
 Time it on an idle machine: the figures are seconds.
 """
@@ -56,7 +61,15 @@ def one_step_of_samples(trainer):
     return batch, time.perf_counter() - started
 
 
-def time_updates(trainer, batch, layouts, repeats: int) -> dict:
+def profile_update(learner, batch, rows: int) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        learner.update(batch, step=0)
+    return profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def time_updates(trainer, batch, layouts, repeats: int, profile_rows: int = 0) -> dict:
     learner = trainer.learner
     weights, optimizer = learner.trainable_state(), copy.deepcopy(learner.optimizer_state())
     results = {}
@@ -73,6 +86,10 @@ def time_updates(trainer, batch, layouts, repeats: int) -> dict:
         # positions of the forward passes (idle rows dropped)
         results[layout] = {"seconds": statistics.median(seconds), "runs": seconds,
                            "tokens": int(metrics["train/forward_tokens"])}
+        if profile_rows:
+            learner.load_trainable_state(weights, "benchmark")
+            learner.load_optimizer_state(copy.deepcopy(optimizer))
+            print(f"\n{layout}: operators by self CPU time\n{profile_update(learner, batch, profile_rows)}")
     return results
 
 
@@ -82,22 +99,29 @@ def main() -> None:
     parser.add_argument("--algorithms", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--float32", action="store_true",
+                        help="the learner and the rollouts in float32 (the recipes use bf16 autocast and bf16 rollouts)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also profile each layout's update and print its N most expensive operators")
     options = parser.parse_args()
     setup_cpu_math()
     figures = {}
     for algorithm in options.algorithms:
         reset_accelerate()
         with tempfile.TemporaryDirectory() as out:
+            train = {"output_dir": out, "report_to": ["none"], "save_steps": None}
+            if options.float32:
+                train.update(bf16=False, rollout_dtype="float32")
             recipe = load_recipe(ROOT / "recipes" / RECIPES[algorithm],
-                                 {"train": {"output_dir": out, "report_to": ["none"], "save_steps": None},
-                                  "evaluate_before": False, "evaluate_after": False})
+                                 {"train": train, "evaluate_before": False, "evaluate_after": False})
             trainer = build_trainer(recipe)
             batch, rollout_seconds = one_step_of_samples(trainer)
             figures[algorithm] = {"rollout_seconds": rollout_seconds, "samples": len(batch),
-                                  **time_updates(trainer, batch, options.layouts, options.repeats)}
+                                  **time_updates(trainer, batch, options.layouts, options.repeats,
+                                                             options.profile)}
             trainer.close()
-    print(f"\nLearner update per step, quickstart recipes, {torch.get_num_threads()} CPU threads, median of "
-          f"{options.repeats}")
+    print(f"\nLearner update per step, quickstart recipes{' in float32' if options.float32 else ''}, "
+          f"{torch.get_num_threads()} CPU threads, median of {options.repeats}")
     print(f"{'algorithm':<11}{'samples':>8}{'layout':>14}{'tokens':>8}{'s/update':>10}{'vs padded':>11}"
           f"{'share of step':>15}")
     for algorithm, result in figures.items():

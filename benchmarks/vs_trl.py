@@ -6,6 +6,9 @@ tokens per second for both, and the ratio: both in float32, then both with their
 ours: ``bf16`` plus ``rollout_dtype="bfloat16"``). Then SPO-chain's cost per step broken into generate / Monte
 Carlo / update.
 
+Each side samples its own way: TRL with ``generate`` on the LoRA model (its default without vLLM), ours from a
+merged copy of the policy (``rollout_dtype``: ``float32`` in the float32 runs, ``bfloat16`` in the bf16 ones).
+
 TRL's GRPOConfig turns gradient checkpointing on by default (a second forward pass in its backward); ours has it off.
 Both sides run with it off unless ``--trl-gradient-checkpointing`` (TRL only). ``--threads`` sets the torch threads
 each side runs with (state it with every ratio: the ratio depends on it).
@@ -82,7 +85,9 @@ def run_ours(steps: int, algorithm: str = "grpo", fast: bool = False) -> dict:
                   temperature=1.0, top_p=1.0, beta=0.0, max_steps=steps, learning_rate=1e-4, report_to=["none"],
                   save_steps=None, per_device_train_batch_size=8, gradient_accumulation_steps=4, seed=0,
                   log_completions=False)
-    if fast:  # bf16 rollouts from a merged snapshot, bf16 autocast for the learner
+    # rollouts from a merged copy of the policy (no adapter matmuls per decoded token), in the run's precision
+    common.update(rollout_dtype="float32")
+    if fast:  # bf16 rollouts, bf16 autocast for the learner
         common.update(rollout_dtype="bfloat16", bf16=True)
     with tempfile.TemporaryDirectory() as out:
         if algorithm == "grpo":

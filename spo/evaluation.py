@@ -41,12 +41,12 @@ class EvalConfig:
     merge_adapter: bool = field(default=True, metadata=_help(
         "merge the adapter into the model's weights before decoding (faster; false: run it unmerged)"))
     dataset: str = field(default="builtin:arithmetic", metadata=_help(
-        "a .jsonl/.json/.parquet file, a folder holding {split}.jsonl, a hub name, or builtin:arithmetic"))
+        "a .jsonl/.json/.parquet file, a folder of {split}.jsonl, a hub name, builtin:arithmetic or builtin:ledger"))
     split: str = field(default="test", metadata=_help("split to evaluate (train or test on the built-in task)"))
     limit: int | None = field(default=64, metadata=_help(
         "evaluate the first N problems; null: all of them (the built-in task: 1000)"))
     difficulty: int | None = field(default=None, metadata=_help(
-        "built-in task only: difficulty 1..6; null: the default (1)"))
+        "built-in tasks only: difficulty 1..6; null: the task's default"))
     question_field: str | None = field(default=None, metadata=_help(
         "field holding the question; null: the preset's (question, or problem for MATH)"))
     answer_field: str | None = field(default=None, metadata=_help(

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from spo.data import (DEFAULT_DIFFICULTY, arithmetic_problems, load_problems, make_arithmetic_task, plain_text,
+from spo.data import (DEFAULT_DIFFICULTY, LEDGER_DEFAULT_DIFFICULTY, LEDGER_INSTRUCTION, arithmetic_problems,
+                      guess_preset, ledger_problems, load_problems, make_arithmetic_task, make_ledger_task, plain_text,
                       prompt_problem, tokenize_prompts)
 
 
@@ -85,6 +86,88 @@ def test_builtin_source_and_chat_prompts(embedded_tokenizer):
         tokenize_prompts(embedded_tokenizer, ds["prompt"], max_prompt_length=5)
     assert make_arithmetic_task("test", 4)["question"] == ds["question"]
     assert DEFAULT_DIFFICULTY in range(1, 7)
+
+
+def test_ledger_task_is_deterministic_and_splits_never_overlap():
+    train = ledger_problems("train", 2000, seed=3)
+    test = ledger_problems("test", 500, seed=3)
+    assert train == ledger_problems("train", 2000, seed=3)
+    assert train != ledger_problems("train", 2000, seed=4)
+    assert len({p["question"] for p in train}) == 2000
+    assert not {p["question"] for p in train} & {p["question"] for p in test}
+    assert not {p["question"] for p in train} & {p["question"] for p in ledger_problems("test", 500, seed=4)}
+
+
+def ledger_totals(question: str) -> list[int]:
+    """The running amount of a ledger problem, read back from its sentences: the start, then after each update."""
+    import re
+
+    sentences = question.split(". ")
+    totals = [int(re.search(r"(?:has|starts with) (\d+)", sentences[0]).group(1))]
+    for sentence in sentences[1:-1]:  # the last one is the question
+        change = re.search(r"(\d+)", sentence)
+        if "doubles" in sentence:
+            totals.append(totals[-1] * 2)
+        elif re.search(r"gives away|loses|gives \d+ \w+ to ", sentence):
+            totals.append(totals[-1] - int(change.group(1)))
+        else:
+            totals.append(totals[-1] + int(change.group(1)))
+    return totals
+
+
+@pytest.mark.parametrize("difficulty,updates", [(1, 6), (2, 7), (3, 8), (4, 8), (5, 9), (6, 10)])
+def test_ledger_answers_are_right_and_never_negative(difficulty, updates):
+    problems = ledger_problems("train", 100, difficulty=difficulty)
+    for problem in problems:
+        totals = ledger_totals(problem["question"])
+        assert str(totals[-1]) == problem["answer"]
+        assert len(totals) == updates + 1 == problem["steps"] + 1
+        assert min(totals) > 0
+    assert any("doubles" in p["question"] for p in problems) == (difficulty >= 4)
+
+
+def test_ledger_worked_answer_is_a_few_hundred_tokens(embedded_tokenizer):
+    import re
+
+    lengths = []
+    for problem in ledger_problems("test", 20):
+        totals = ledger_totals(problem["question"])
+        lines = [f"{when}: {old} {'+' if new >= old else '-'} {abs(new - old)} = {new}."
+                 for when, old, new in zip(re.findall(r"(On [^,]+),", problem["question"]), totals, totals[1:])]
+        worked = "\n".join(lines + [f"The answer is {problem['answer']}."])
+        lengths.append(len(embedded_tokenizer(worked)["input_ids"]))
+    assert 100 <= sum(lengths) / len(lengths) <= 300
+
+
+def test_ledger_errors_are_clear():
+    with pytest.raises(ValueError, match="difficulty must be between 1 and 6"):
+        ledger_problems("train", 3, difficulty=7)
+    with pytest.raises(ValueError, match="split must be 'train' or 'test'"):
+        ledger_problems("dev", 3)
+    with pytest.raises(ValueError, match="could not draw 1 distinct test ledger problems"):
+        ledger_problems("test", 1, test_fraction=0.0)
+
+
+def test_ledger_builtin_source():
+    ds = load_problems("builtin:ledger", split="test", limit=5)
+    assert len(ds) == 5 and {"prompt", "answer", "question", "steps"} <= set(ds.column_names)
+    assert ds[0]["prompt"][-1]["content"] == f"{ds[0]['question']}\n\n{LEDGER_INSTRUCTION}"
+    assert ds[0]["answer"].isdigit() and "The answer is <number>." in LEDGER_INSTRUCTION
+    assert make_ledger_task("test", 5)["question"] == ds["question"]
+    assert ds["steps"] == [8] * 5 and LEDGER_DEFAULT_DIFFICULTY == 3
+    assert load_problems("builtin:ledger", "test", limit=2, difficulty=1)["steps"] == [6, 6]
+    assert guess_preset("builtin:ledger") == "ledger" and guess_preset("builtin:arithmetic") == "arithmetic"
+
+
+@pytest.mark.parametrize("task", ["arithmetic", "ledger"])
+def test_builtin_source_errors_name_the_field(task):
+    with pytest.raises(ValueError, match=f"difficulty must be between 1 and 6 for builtin:{task}, got 0"):
+        load_problems(f"builtin:{task}", difficulty=0)
+    with pytest.raises(ValueError, match=f"split must be 'train' or 'test' for builtin:{task}, got 'validation'"):
+        load_problems(f"builtin:{task}", split="validation")
+    with pytest.raises(ValueError, match="unknown built-in task 'ledgers'; available: builtin:arithmetic, "
+                                         "builtin:ledger"):
+        load_problems("builtin:ledgers")
 
 
 @pytest.mark.parametrize("prompt,problem", [

@@ -6,6 +6,8 @@ import torch
 
 from spo.models import tiny_model
 from spo.trainer.logprobs import completion_logprobs, packed_logprobs, packing_unsupported
+from spo.trainer import tree_attention
+from spo.trainer import packing
 from spo.trainer.packing import pack
 from spo.trainer.samples import collate
 
@@ -30,9 +32,11 @@ def tree_like_samples(seed=0):
     return prompts, completions
 
 
-def test_pack_stores_each_shared_prefix_once():
+@pytest.mark.parametrize("block", [None, 64, 5])  # chosen; one attention block; many, segments across their edges
+def test_pack_stores_each_shared_prefix_once(block):
     prompts, completions = tree_like_samples()
-    shared, unshared = pack(prompts, completions), pack(prompts, completions, share=False)
+    shared = pack(prompts, completions, attention_block=block)
+    unshared = pack(prompts, completions, share=False, attention_block=block)
     total = sum(len(p) + len(c) for p, c in zip(prompts, completions))
     assert unshared.input_ids.shape[1] == unshared.unshared_tokens == total
     # the prompt (7) once, the common "11 12" once, the parent segment once, the unrelated sample whole
@@ -51,11 +55,13 @@ def test_pack_stores_each_shared_prefix_once():
                 assert context == (prompt + completion)[:len(prompt) + t]
                 assert int(positions[node]) == len(prompt) + t - 1
         assert packed.completion_mask.sum() == sum(len(c) for c in completions)
-    # segments: the prompt, "11 12", 4 tails, the parent segment, 3 edges, the unrelated sample; in pieces of at
-    # most the mean segment length
-    lengths = [7, 2, 3, 4, 5, 6, 5, 4, 5, 6, 11]
-    mean = -(-sum(lengths) // len(lengths))
-    assert shared.attention.query_index.shape == (sum(-(-n // mean) for n in lengths), mean)
+        # blocks of `block` consecutive tokens; a block attends to the union of its queries' paths, nothing more
+        tree = packed.attention
+        if block is not None:
+            assert tree.query_index.shape == (-(-ids.numel() // block), min(block, ids.numel()))
+        for keys, used in zip(tree.key_index, tree.mask.any(1)):
+            assert used[:int(used.sum())].all()  # only trailing key slots are padding
+            assert (keys[used].diff() > 0).all()  # each key once, in packed order
 
 
 def test_pack_rejects_an_empty_prompt():
@@ -73,8 +79,11 @@ def weighted_gradients(model, logprobs_fn, mask):
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])  # the padded reference's attention
-@pytest.mark.parametrize("share", [True, False])
-def test_packed_logprobs_and_gradients_equal_the_padded_computation(attention, share):
+@pytest.mark.parametrize("share,block", [(True, None), (False, None), (True, 5)])
+@pytest.mark.parametrize("kernel", ["products", "sdpa"])  # the packed attention's: small or large blocks
+def test_packed_logprobs_and_gradients_equal_the_padded_computation(attention, share, block, kernel, monkeypatch):
+    if kernel == "sdpa":
+        monkeypatch.setattr(tree_attention, "EAGER_MAX_SCORES", 0)
     prompts, completions = tree_like_samples()
     model = tiny_model(seed=0).float()
     model.config._attn_implementation = attention
@@ -82,7 +91,8 @@ def test_packed_logprobs_and_gradients_equal_the_padded_computation(attention, s
     (logp, entropy), reference = weighted_gradients(
         model, lambda: completion_logprobs(model, collate(prompts, completions, 0), 0.7, with_entropy=True), mask)
     (packed_logp, packed_entropy), gradients = weighted_gradients(
-        model, lambda: packed_logprobs(model, pack(prompts, completions, share=share), 0.7, with_entropy=True), mask)
+        model, lambda: packed_logprobs(model, pack(prompts, completions, share=share, attention_block=block), 0.7,
+                                       with_entropy=True), mask)
     real = mask.bool()
     torch.testing.assert_close(packed_logp[real], logp[real], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(packed_entropy[real], entropy[real], rtol=1e-5, atol=1e-5)
@@ -162,3 +172,26 @@ def test_a_model_that_bypasses_the_attention_interface_is_refused():
     prompts, completions = tree_like_samples()
     with pytest.raises(RuntimeError, match="0 of 2 layers ran the packed attention"):
         packed_logprobs(model, pack(prompts, completions), 1.0)
+
+
+def test_the_attention_blocking_is_the_cheapest_candidate():
+    """Short rollouts of one prompt and a deep binary tree: the chosen blocks cost no more than any fixed size."""
+    def chain(parents, parent, length):
+        for _ in range(length):
+            parents.append(parent)
+            parent = len(parents) - 1
+        return parent
+
+    group, tree = [], []
+    prompt = chain(group, -1, 75)
+    for _ in range(8):
+        chain(group, prompt, 60)
+    frontier = [chain(tree, -1, 75)]
+    for _ in range(4):
+        frontier = [chain(tree, node, 24) for node in frontier for _ in range(2)]
+    cost = lambda attention: attention.mask.shape[0] * (  # noqa: E731
+        attention.mask[0].numel() + packing.BLOCK_OVERHEAD_SCORES)
+    for parents in (group, tree):
+        chosen = cost(packing.tree_attention(parents))
+        assert all(chosen <= cost(packing.tree_attention(parents, size)) for size in packing.BLOCK_SIZES)
+        assert chosen < max(cost(packing.tree_attention(parents, size)) for size in (8, 16, 256))

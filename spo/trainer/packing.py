@@ -8,9 +8,9 @@ ancestors only, so its hidden state is exactly the one it gets in an unshared pa
 backward once, and the gradient equals the unshared computation (``tests/test_packing.py``). Nothing is padded, and
 only the positions that predict a completion token get logits.
 
-Attention runs per trie segment (a maximal run of tokens without a branch point: a prompt, a common opening, each
-completion's own tail; long ones in pieces): the segment's tokens are the queries, the path from the root to its
-end the keys (``TreeAttention``). The work is that of attending over each path, not over the whole packed row.
+Attention runs in blocks of consecutive packed tokens (``TreeAttention``): a block's queries attend to the union of
+their root-to-token paths, under a mask that lets each query see its own path only. The blocks are chosen so that
+the work is close to that of attending over each path, not over the whole packed row.
 
 With ``share=False`` every sample keeps its own copy of every token (padding-free packing), which is what prefix
 sharing is measured against.
@@ -23,14 +23,21 @@ from dataclasses import dataclass, replace
 
 import torch
 
+# Queries per attention block tried by ``tree_attention``: smaller blocks attend to fewer keys they do not need (a
+# block's keys are the union of its queries' paths), larger ones run fewer, larger products.
+BLOCK_SIZES = (32, 64, 128)
+# What a block costs beyond its scores (its gathers and products), in scores: fitted to the forward and backward
+# passes of the packed attention on the quickstarts' micro-batches on a 2-core CPU.
+BLOCK_OVERHEAD_SCORES = 16_384
+
 
 @dataclass
 class TreeAttention:
-    """Attention of a packed row, block by block: ``S`` blocks of at most ``Q`` consecutive tokens of one segment,
-    each attending to the path of at most ``K`` tokens from the root to its last token."""
+    """Attention of a packed row, block by block: ``S`` blocks of at most ``Q`` consecutive packed tokens, each
+    attending to at most ``K`` keys, the union of its tokens' paths from the root."""
 
-    query_index: torch.Tensor  # [S, Q] packed index of each block's tokens (0 where padded)
-    key_index: torch.Tensor  # [S, K] packed index of the tokens of the path from the root to the block's end
+    query_index: torch.Tensor  # [S, Q] packed index of each block's tokens (its last token again where padded)
+    key_index: torch.Tensor  # [S, K] packed index of the keys its queries attend to, in packed order (0 where padded)
     mask: torch.Tensor  # bool [S, Q, K]: query j of block s attends key k (padded queries attend key 0 only)
     output_index: torch.Tensor  # [N] where packed token n sits in the flattened [S * Q] queries
 
@@ -77,9 +84,10 @@ class PackedBatch:
         return chosen.to(self.input_ids.device)
 
 
-def pack(prompts: list[list[int]], completions: list[list[int]], share: bool = True, width: int = 1) -> PackedBatch:
+def pack(prompts: list[list[int]], completions: list[list[int]], share: bool = True, width: int = 1,
+         attention_block: int | None = None) -> PackedBatch:
     """Pack (prompt, completion) token sequences; ``share``: identical prefixes become one run of tokens.
-    Per-token outputs are [B, max(width, longest completion)]."""
+    Per-token outputs are [B, max(width, longest completion)]. ``attention_block``: see ``tree_attention``."""
     if not prompts or len(prompts) != len(completions):
         raise ValueError(f"pack: {len(prompts)} prompts for {len(completions)} completions")
     tokens: list[int] = []
@@ -111,39 +119,79 @@ def pack(prompts: list[list[int]], completions: list[list[int]], share: bool = T
         completion_mask[b, :len(completion)] = 1
     return PackedBatch(torch.tensor([tokens], dtype=torch.long), torch.tensor([positions], dtype=torch.long),
                        predictors, completion_mask,
-                       [list(p) for p in prompts], [list(c) for c in completions], share, tree_attention(parents))
+                       [list(p) for p in prompts], [list(c) for c in completions], share,
+                       tree_attention(parents, attention_block))
 
 
-def tree_attention(parents: list[int]) -> TreeAttention:
+def tree_attention(parents: list[int], block: int | None = None) -> TreeAttention:
     """The query blocks of a packed trie (``parents[i]``: the packed index of token i's predecessor, -1 for a first
-    token; parents precede their children) and the keys each one attends to. A block is a segment (a run without
-    branch point) or, for segments longer than the mean, a piece of one, so that one long prompt does not pad every
-    block to its length."""
+    token; parents precede their children) and the keys each one attends to.
+
+    A block is a range of consecutive packed tokens. Its keys are the union of its queries' paths: the whole of every
+    ancestor segment (run without a branch point) of a segment it touches, and those segments' own tokens up to the
+    block's end. A key is visible to a query if it lies in an ancestor segment of the query's, or earlier in the same
+    segment. Blocks of ``block`` tokens if given; otherwise the cheapest blocking (attention scores, blocks x queries x
+    keys padded, plus ``BLOCK_OVERHEAD_SCORES`` per block) among ``BLOCK_SIZES``-token ranges and segments cut at
+    their mean length (which suit deep trees, where a range across branches gathers several branches' paths)."""
+    n = len(parents)
     children = Counter(parents)
-    starts = [i for i, parent in enumerate(parents) if parent < 0 or parent != i - 1 or children[parent] > 1]
-    segments = list(zip(starts, starts[1:] + [len(parents)]))
-    width_q = -(-len(parents) // len(segments))  # the mean segment length, rounded up
-    blocks, paths = [], []
-    for start, end in segments:
-        ancestors, node = [], parents[start]
-        while node >= 0:
-            ancestors.append(node)
-            node = parents[node]
-        ancestors.reverse()
-        for piece in range(start, end, width_q):
-            stop = min(piece + width_q, end)
-            blocks.append((piece, stop))
-            paths.append(ancestors + list(range(start, stop)))
-    width_k = max(len(path) for path in paths)
-    query_index = torch.zeros((len(blocks), width_q), dtype=torch.long)
-    key_index = torch.zeros((len(blocks), width_k), dtype=torch.long)
-    query_position = torch.zeros((len(blocks), width_q), dtype=torch.long)  # in the path; 0 where padded
-    output_index = torch.zeros(len(parents), dtype=torch.long)
-    for b, ((start, end), path) in enumerate(zip(blocks, paths)):
-        own = end - start
-        query_index[b, :own] = torch.arange(start, end)
-        key_index[b, :len(path)] = torch.tensor(path)
-        query_position[b, :own] = torch.arange(len(path) - own, len(path))
-        output_index[start:end] = torch.arange(b * width_q, b * width_q + own)
-    mask = torch.arange(width_k)[None, None, :] <= query_position[:, :, None]
+    starts_segment = torch.tensor([p < 0 or p != i - 1 or children[p] > 1 for i, p in enumerate(parents)])
+    segment_of = torch.cumsum(starts_segment.long(), 0) - 1
+    starts = starts_segment.nonzero().flatten().tolist()
+    # ancestor[s, t]: segment t lies on the path from the root to segment s (a parent segment precedes its children)
+    ancestor = torch.zeros((len(starts), len(starts)), dtype=torch.bool)
+    for s, first in enumerate(starts):
+        if parents[first] >= 0:
+            t = int(segment_of[parents[first]])
+            ancestor[s] = ancestor[t]
+            ancestor[s, t] = True
+    segment_start = torch.tensor(starts)
+    segment_end = torch.tensor(starts[1:] + [n])
+
+    def key_spans(start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where a block's keys lie: [from, to) in packed order, one span per segment they come from."""
+        touched = segment_of[start:end].unique()
+        needed = ancestor[touched].any(0)
+        needed[touched] = True
+        chosen = needed.nonzero()[:, 0]
+        return segment_start[chosen], torch.minimum(segment_end[chosen], torch.tensor(end))
+
+    if block is not None:
+        candidates = [_ranges(0, n, block)]
+    else:
+        mean = -(-n // len(starts))
+        candidates = [_ranges(0, n, size) for size in BLOCK_SIZES if size < 2 * n]
+        candidates.append([piece for start, end in zip(starts, segment_end.tolist())
+                           for piece in _ranges(start, end, mean)])
+    best = None
+    for ranges in candidates:
+        spans = [key_spans(start, end) for start, end in ranges]
+        cost = len(ranges) * (max(end - start for start, end in ranges) * max(int((to - at).sum()) for at, to in spans)
+                              + BLOCK_OVERHEAD_SCORES)
+        if best is None or cost < best[0]:
+            best = cost, ranges, spans
+    _, ranges, spans = best
+    keys = [torch.cat([torch.arange(a, b) for a, b in zip(at.tolist(), to.tolist())]) for at, to in spans]
+    width_q = max(end - start for start, end in ranges)
+    query_index = torch.zeros((len(ranges), width_q), dtype=torch.long)
+    query_valid = torch.zeros(query_index.shape, dtype=torch.bool)
+    key_index = torch.zeros((len(ranges), max(len(k) for k in keys)), dtype=torch.long)
+    key_valid = torch.zeros(key_index.shape, dtype=torch.bool)
+    output_index = torch.zeros(n, dtype=torch.long)
+    for b, ((start, end), k) in enumerate(zip(ranges, keys)):
+        query_index[b] = end - 1  # padded queries repeat the last one; their outputs are never read
+        query_index[b, :end - start] = torch.arange(start, end)
+        query_valid[b, :end - start] = True
+        key_index[b, :len(k)] = k
+        key_valid[b, :len(k)] = True
+        output_index[start:end] = torch.arange(b * width_q, b * width_q + end - start)
+    query_segment, key_segment = segment_of[query_index][:, :, None], segment_of[key_index][:, None, :]
+    mask = ancestor[query_segment, key_segment] | ((query_segment == key_segment)
+                                                   & (key_index[:, None, :] <= query_index[:, :, None]))
+    mask &= key_valid[:, None, :] & query_valid[:, :, None]
+    mask[:, :, 0] |= ~query_valid  # a padded query attends one key, so that its (unused) softmax is finite
     return TreeAttention(query_index, key_index, mask, output_index)
+
+
+def _ranges(start: int, end: int, size: int) -> list[tuple[int, int]]:
+    return [(piece, min(piece + size, end)) for piece in range(start, end, size)]

@@ -44,13 +44,13 @@ def _f(default=None, help: str = "", factory=None):
 
 @dataclass
 class DataSection:
-    source: str = _f("builtin:arithmetic", "a .jsonl/.json/.parquet file, a folder holding {split}.jsonl, a hub name, "
-                                           "or builtin:arithmetic")
+    source: str = _f("builtin:arithmetic", "a .jsonl/.json/.parquet file, a folder of {split}.jsonl, a hub name, "
+                                           "builtin:arithmetic or builtin:ledger")
     split: str = _f("train", "split to read (train or test on the built-in task)")
     limit: int | None = _f(None, "the first N problems; null: all of them (the built-in task: 1000)")
     seed: int = _f(0, "seed of the built-in task's problems")
-    difficulty: int | None = _f(None, "built-in task only: difficulty 1..6; null: the default (1)")
-    preset: str | None = _f(None, "field names and instruction: gsm8k, math or arithmetic; null: guessed from source")
+    difficulty: int | None = _f(None, "built-in task only: difficulty 1..6; null: the task's default")
+    preset: str | None = _f(None, "field names and instruction: gsm8k, math, arithmetic or ledger; null: from source")
     question_field: str | None = _f(None, "field holding the question; null: the preset's")
     answer_field: str | None = _f(None, "field holding the reference answer; null: the preset's")
     instruction: str | None = _f(None, "answer-format instruction after each question; null: the preset's")

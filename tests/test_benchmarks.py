@@ -1,0 +1,107 @@
+"""The benchmark scripts behind the figures of README.md and benchmarks/RESULTS.md: every quoted command runs a
+committed script with options it has, the profiles come from those scripts, and the settings they claim to control
+are the ones they pass."""
+
+import importlib.util
+import re
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from spo.models import EMBEDDED_MODEL, load_tokenizer, tiny_model
+from spo.trainer.run import trainer_config
+from spo.trainer.samples import train_batch
+
+from test_learner import learner_for, make_samples
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMAND = re.compile(r"python (benchmarks/\w+\.py)([^\n`|#]*)")
+
+
+def load(name: str):
+    """A benchmark script as a module (``benchmarks/`` is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_quoted_benchmark_command_names_a_committed_script_and_its_options():
+    documents = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "benchmarks").glob("*.md"),
+                 *(ROOT / "benchmarks").glob("*.py")]
+    commands = [(doc.relative_to(ROOT), match) for doc in documents for match in COMMAND.finditer(doc.read_text())]
+    assert len(commands) >= 15
+    for document, match in commands:
+        script = ROOT / match.group(1)
+        assert script.is_file(), f"{document}: `{match.group(0).strip()}`: no such script"
+        source = script.read_text()
+        for option in re.findall(r"(?<![\w-])--[a-z][\w-]*", match.group(2)):
+            assert f'"{option}"' in source, f"{document}: `{match.group(0).strip()}`: {script.name} has no {option}"
+
+
+def test_vs_trl_passes_trls_gradient_checkpointing_setting(monkeypatch):
+    """TRL's GRPOConfig turns gradient checkpointing on by default; the comparison must set it, off unless asked."""
+    configs = []
+
+    class Trainer:
+        def __init__(self, **kwargs):
+            self.state = types.SimpleNamespace(log_history=[{"completions/mean_length": 10.0}])
+
+        def train(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "trl", types.SimpleNamespace(
+        GRPOConfig=lambda **kwargs: configs.append(kwargs), GRPOTrainer=Trainer))
+    vs_trl = load("vs_trl")
+    vs_trl.run_trl(1)
+    vs_trl.run_trl(1, gradient_checkpointing=True)
+    assert [config["gradient_checkpointing"] for config in configs] == [False, True]
+
+
+def test_learning_benchmark_variants_are_valid_recipes_with_a_constant_learning_rate(tmp_path):
+    """The token budget ends these runs, so max_steps is a placeholder: a decaying schedule would not decay."""
+    learning = load("learning")
+    for name in learning.VARIANTS:
+        config = trainer_config(learning.variant_recipe(name, seed=1, budget=5000, out=tmp_path, eval_limit=10))
+        assert config.lr_scheduler_type == "constant", name
+        assert config.max_generated_tokens == 5000 and config.seed == 1, name
+
+
+def test_update_benchmark_profiles_an_update(tmp_path):
+    learner, args = learner_for(tmp_path)
+    table = load("update").profile_update(learner, train_batch(make_samples(count=6), args), rows=8)
+    assert "Self CPU" in table and "aten::mm" in table
+
+
+@pytest.fixture(scope="module")
+def small_generation():
+    return tiny_model(seed=0), load_tokenizer(EMBEDDED_MODEL)
+
+
+def test_rollout_benchmark_profiles_ours_and_hf_generate(small_generation, capsys):
+    model, tokenizer = small_generation
+    load("rollout").profile(model, tokenizer, types.SimpleNamespace(batches=[2], new_tokens=4, skip_hf=False,
+                                                                     profile_rows=5))
+    out = capsys.readouterr().out
+    assert "## Profile: ours, batch 2" in out and "## Profile: HF generate, batch 2" in out
+    assert out.count("Self CPU %") == 2
+
+
+def test_rollout_benchmark_states_peaks_against_our_full_cache(small_generation, capsys):
+    """Each policy's peak KV against a padded dense cache and against our own full-cache policy."""
+    model, tokenizer = small_generation
+    load("rollout").policies(model, tokenizer, types.SimpleNamespace(problems=3, new_tokens=6, policies=["lazy"],
+                                                                      budgets=[0.5]))
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("| policy"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    rows = {tuple(c.strip() for c in line.strip("|").split("|"))[:2]: [c.strip() for c in line.strip("|").split("|")]
+            for line in lines if line.startswith(("| full", "| lazy"))}
+    dense, ours = columns.index("peak / full"), columns.index("peak / our full")
+    full, lazy = rows[("full", "-")], rows[("lazy", "50%")]
+    assert float(full[ours]) == 1.0
+    # the same peak over our full policy's peak, not over the padded dense cache's size
+    assert float(lazy[ours]) == pytest.approx(float(lazy[dense]) / float(full[dense]), abs=0.02)
+    assert float(lazy[dense]) < float(full[dense])
