@@ -27,7 +27,7 @@ import torch
 # block's keys are the union of its queries' paths), larger ones run fewer, larger products.
 BLOCK_SIZES = (32, 64, 128)
 # What a block costs beyond its scores (its gathers and products), in scores: fitted to the forward and backward
-# passes of the packed attention on the quickstarts' micro-batches on a 2-core CPU.
+# passes of the packed attention on the quickstarts' micro-batches on a 2-core CPU (benchmarks/packed_attention.py).
 BLOCK_OVERHEAD_SCORES = 16_384
 
 
