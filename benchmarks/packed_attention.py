@@ -61,8 +61,8 @@ def milliseconds(batch: packing.PackedBatch, dtype: torch.dtype, kernel: str, re
     query = torch.randn(1, HEADS, n, HEAD_DIM, generator=generator).to(dtype).requires_grad_()
     key = torch.randn(1, KV_HEADS, n, HEAD_DIM, generator=generator).to(dtype).requires_grad_()
     value = torch.randn(1, KV_HEADS, n, HEAD_DIM, generator=generator).to(dtype).requires_grad_()
-    limit = tree_attention.EAGER_MAX_SCORES
-    tree_attention.EAGER_MAX_SCORES = 1 << 62 if kernel == "products" else 0
+    limit = tree_attention.SMALL_BLOCKS_MAX_SCORES
+    tree_attention.SMALL_BLOCKS_MAX_SCORES = 1 << 62 if kernel == "products" else 0
     try:
         def call():
             packed_pass = tree_attention.PackedPass(batch.attention)
@@ -76,7 +76,7 @@ def milliseconds(batch: packing.PackedBatch, dtype: torch.dtype, kernel: str, re
             call()
         return (time.perf_counter() - started) / repeats * 1000
     finally:
-        tree_attention.EAGER_MAX_SCORES = limit
+        tree_attention.SMALL_BLOCKS_MAX_SCORES = limit
 
 
 def main() -> None:

@@ -83,7 +83,7 @@ def weighted_gradients(model, logprobs_fn, mask):
 @pytest.mark.parametrize("kernel", ["products", "sdpa"])  # the packed attention's: small or large blocks
 def test_packed_logprobs_and_gradients_equal_the_padded_computation(attention, share, block, kernel, monkeypatch):
     if kernel == "sdpa":
-        monkeypatch.setattr(tree_attention, "EAGER_MAX_SCORES", 0)
+        monkeypatch.setattr(tree_attention, "SMALL_BLOCKS_MAX_SCORES", 0)
     prompts, completions = tree_like_samples()
     model = tiny_model(seed=0).float()
     model.config._attn_implementation = attention

@@ -24,7 +24,7 @@ from ..rollout.attention import attention_selected
 ATTENTION_NAME = "spo_packed_tree"
 # Below this many attention scores per layer (blocks x query heads x queries x keys; 32 MiB in float32), the CPU
 # computes them with explicit products (``_small_blocks_attention``); above it, SDPA's memory-efficient kernels.
-EAGER_MAX_SCORES = 1 << 23
+SMALL_BLOCKS_MAX_SCORES = 1 << 23
 
 
 @dataclass
@@ -56,7 +56,7 @@ def packed_tree_attention(module, query, key, value, attention_mask, dropout: fl
     gather = lambda states, index: states[0][:, index].transpose(0, 1)  # noqa: E731  [S, H, len, D]
     query, key, value = gather(query, tree.query_index), gather(key, tree.key_index), gather(value, tree.key_index)
     mask = packed_tree.additive_mask(query.dtype)
-    if query.device.type == "cpu" and query[..., :1].numel() * key.shape[2] <= EAGER_MAX_SCORES:
+    if query.device.type == "cpu" and query[..., :1].numel() * key.shape[2] <= SMALL_BLOCKS_MAX_SCORES:
         out = _small_blocks_attention(query, key, value, mask, dim ** -0.5 if scaling is None else scaling,
                                       dropout if module.training else 0.0)
     else:
@@ -69,7 +69,7 @@ def _small_blocks_attention(query, key, value, mask, scaling: float, dropout: fl
     """Attention as explicit products, softmax in float32: query [S, Hq, Q, D], key/value [S, Hkv, K, D], additive
     mask [S, 1, Q, K] -> [S, Q, Hq, D]. On the CPU, for the small blocks of a packed row, SDPA's flash kernel under
     an explicit mask has a slow backward pass, in bf16 above all; these products are not slower in float32 and
-    faster in bf16. They keep the [S, Hq, Q, K] probabilities, hence only below ``EAGER_MAX_SCORES``."""
+    faster in bf16. They keep the [S, Hq, Q, K] probabilities, hence only below ``SMALL_BLOCKS_MAX_SCORES``."""
     blocks, heads, queries, dim = query.shape
     groups = heads // key.shape[1]  # grouped-query attention: each key head serves `groups` query heads
     query = query.view(blocks, key.shape[1], groups, queries, dim)
