@@ -6,6 +6,9 @@ Per seed: held-out greedy accuracy before and after (the run's ``summary.json``)
 ``timing/step`` in ``metrics.jsonl``). Then the mean and its standard error over seeds, and the range.
 
     python benchmarks/quickstart_seeds.py --seeds 0 1 2 [--recipe recipes/quickstart.yaml] [--out outputs/seeds]
+    python benchmarks/quickstart_seeds.py --seeds 0 1 2 --out outputs/kv50 --train.kv_budget 0.5   # recipe keys
+
+Other options are recipe keys, passed on to ``spo train`` as they are.
 
 A seed whose folder already holds its result is not run again, so an interrupted sweep resumes where it stopped
 (``--rerun`` runs every seed afresh). Time it on an idle machine: the wall times are the figures.
@@ -28,13 +31,15 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULT = "quickstart_seed.json"
 
 
-def run_seed(recipe: Path, seed: int, folder: Path, rerun: bool) -> dict:
+def run_seed(recipe: Path, seed: int, folder: Path, rerun: bool, overrides: list[str]) -> dict:
     result_file = folder / RESULT
     if result_file.exists() and not rerun:
-        return json.loads(result_file.read_text())
+        saved = json.loads(result_file.read_text())
+        if saved.get("overrides", []) == overrides:  # a result for other recipe keys is run again
+            return saved
     shutil.rmtree(folder, ignore_errors=True)
     command = [sys.executable, "-m", "spo.cli", "train", str(recipe), "--train.seed", str(seed),
-               "--train.output_dir", str(folder)]
+               "--train.output_dir", str(folder), *overrides]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
     started = time.perf_counter()
     subprocess.run(command, check=True, cwd=ROOT, env=env)
@@ -42,7 +47,7 @@ def run_seed(recipe: Path, seed: int, folder: Path, rerun: bool) -> dict:
     summary = json.loads((folder / "summary.json").read_text())
     steps = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [s for s in steps if "timing/step" in s]
-    result = {"seed": seed, "before": summary["eval_before"], "after": summary["eval_after"], "seconds": seconds,
+    result = {"seed": seed, "overrides": overrides, "before": summary["eval_before"], "after": summary["eval_after"], "seconds": seconds,
               "steps": len(steps), "update_share": sum(s["timing/update"] for s in steps)
               / sum(s["timing/step"] for s in steps)}
     result_file.write_text(json.dumps(result, indent=2))
@@ -61,10 +66,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "quickstart-seeds")
     parser.add_argument("--rerun", action="store_true", help="run every seed again, even those already done")
     parser.add_argument("--json", help="also write the figures to this file")
-    options = parser.parse_args()
-    results = [run_seed(options.recipe.resolve(), seed, options.out.resolve() / f"seed{seed}", options.rerun)
-               for seed in options.seeds]
-    print(f"\n{options.recipe.name}, {len(results)} seeds")
+    options, overrides = parser.parse_known_args()
+    results = [run_seed(options.recipe.resolve(), seed, options.out.resolve() / f"seed{seed}", options.rerun,
+                        overrides) for seed in options.seeds]
+    print(f"\n{options.recipe.name} {' '.join(overrides)}, {len(results)} seeds")
     print("| seed | before | after | gain (points) | wall time | update share of step time |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in results:

@@ -120,13 +120,21 @@ def compute_rewards(
     on_error: str = "raise",
     names: list[str] | None = None,
     timeout: float | None = None,
+    truncated: list[bool] | None = None,
 ) -> RewardScores:
     """Score ``completions`` with every function; ``columns`` are the data set columns, one value per completion.
-    ``timeout``: seconds each function may take for the batch (a function that overruns is an error)."""
+    ``timeout``: seconds each function may take for the batch (a function that overruns is an error).
+    ``truncated``: per completion, whether it was cut at the length limit before it ended; every function gets it
+    as the keyword ``truncated`` (reward functions take ``**kwargs``, as in TRL)."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     n = len(completions)
     columns = columns or {}
+    if truncated is not None:
+        if "truncated" in columns:
+            raise ValueError("the data set has a column 'truncated', a name the trainer passes to reward functions "
+                             "(whether each completion was cut at the length limit): rename the column")
+        columns = {**columns, "truncated": [bool(t) for t in truncated]}
     for key, values in columns.items():
         if len(values) != n:
             raise ValueError(f"column {key!r} has {len(values)} values for {n} completions")

@@ -17,7 +17,7 @@ import torch
 @dataclass
 class BufferEntry:
     sample: Any
-    score: float  # |A| of the sample (mean over its masked tokens for token-level advantages)
+    score: float  # |A| of the sample (for token-level advantages, the mean over the tokens that get gradient)
     step: int  # the step that generated it
 
 

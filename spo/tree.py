@@ -68,7 +68,8 @@ def grow_tree(generator, prompt_ids: list[list[int]], branching: list[int], segm
         level_params = replace(params, max_new_tokens=(max_completion_length - used) if last else segment_length,
                                seed=None if params.seed is None else params.seed + 104_729 * level)
         states = [(prompt_ids[node.prompt_index], node.path_tokens()) for node in frontier]
-        batch = generator.continue_from(states, level_params, k=width)
+        # the whole completion's limit: a compressed cache keeps as much as for a rollout grown in one call
+        batch = generator.continue_from(states, level_params, k=width, max_total_new_tokens=max_completion_length)
         next_frontier = []
         for rollout in sorted(batch.rollouts, key=lambda r: r.input_index):
             parent = frontier[rollout.input_index]

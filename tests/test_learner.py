@@ -29,7 +29,9 @@ def make_samples(count=12, idle_every=None, seed=0):
 
 
 def learner_for(tmp_path, **overrides):
-    args = GRPOConfig(**tiny_run(tmp_path, **{"warmup_ratio": 0.0, "lr_scheduler_type": "constant", **overrides}))
+    # the samples' behaviour log-probs are random, far from the tiny model's: no sequence band unless a test sets one
+    args = GRPOConfig(**tiny_run(tmp_path, **{"warmup_ratio": 0.0, "lr_scheduler_type": "constant",
+                                              "importance_sampling_sequence_band": None, **overrides}))
     model = tiny_model(seed=0)
     learner = Learner(Accelerator(cpu=True), model, args, pad_token_id=0, uses_adapters=False)
     if learner.reference is not None:  # move the policy away from its reference so the KL is not zero
@@ -190,3 +192,22 @@ def test_replayed_samples_use_their_own_old_logprobs_and_fresh_ones_the_current_
     total = sum(len(s.completion_ids) for s in samples)
     assert metrics["clip_ratio/high_mean"] == pytest.approx(len(samples[0].completion_ids) / total)
     assert metrics["clip_ratio/low_mean"] == 0.0
+
+
+def test_the_buffer_scores_only_tokens_that_get_gradient(tmp_path):
+    """Under the probability mask, a sample whose nonzero advantages sit on masked (confident) tokens trains nothing:
+    the sample buffer must neither count it as effective nor cache it for replay."""
+    from spo.trainer.samples import buffer_score
+
+    args = GRPOConfig(**tiny_run(tmp_path, probability_mask=True, probability_threshold=0.9))
+    confident, unsure = torch.log(torch.tensor(0.99)), torch.log(torch.tensor(0.3))
+    logprobs = torch.tensor([confident, confident, unsure, unsure])
+
+    def sample(advantages):
+        return Sample(prompt_ids=[1, 2], completion_ids=[3, 4, 5, 6], behaviour_logprobs=logprobs,
+                      advantages=torch.tensor(advantages), reward=1.0, step=0)
+
+    assert buffer_score(sample([0.8, 0.8, 0.0, 0.0]), args) == 0.0  # |A| on masked tokens only
+    assert buffer_score(sample([0.8, 0.8, 0.2, -0.4]), args) == pytest.approx(0.3)  # mean over the unmasked two
+    args.probability_mask = False
+    assert buffer_score(sample([0.8, 0.8, 0.0, 0.0]), args) == pytest.approx(0.4)

@@ -60,6 +60,21 @@ def test_numbers_compare_numerically_with_units_and_trailing_zero():
     assert numeric_accuracy(completions=["#### 18.0 dollars", "#### 18.5"], answer=["18", "18"]) == [1.0, 0.0]
 
 
+def test_a_cut_off_completion_is_paid_only_for_an_answer_it_states():
+    """The last number of a completion cut at the length limit is wherever the cut fell: paying for it taught
+    SPO-tree to fill its leaves with numbers. A stated answer still counts; a finished completion keeps the
+    last-number fallback."""
+    texts = ["Kate has 1 more than 2 more than 4", "Kate has 1 more. The answer is 4. Then 5 more than", "3 + 1 = 4"]
+    assert numeric_accuracy(completions=texts, answer=["4"] * 3) == [1.0, 1.0, 1.0]
+    assert numeric_accuracy(completions=texts, answer=["4"] * 3, truncated=[True, True, False]) == [0.0, 1.0, 1.0]
+    scores = compute_rewards([numeric_accuracy], prompts=["p"] * 3, completions=texts, columns={"answer": ["4"] * 3},
+                             truncated=[True, False, True])
+    assert scores.total.tolist() == [0.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match="column 'truncated'"):
+        compute_rewards([numeric_accuracy], prompts=["p"], completions=["4"],
+                        columns={"answer": ["4"], "truncated": [False]}, truncated=[True])
+
+
 def test_completions_as_chat_messages():
     chat = [[{"role": "assistant", "content": "The answer is 5"}]]
     assert completion_text(chat[0]) == "The answer is 5"

@@ -1,6 +1,8 @@
 """The rollout generator: equivalence with Hugging Face generate and with teacher forcing, forking, row dropping,
 stop handling, sampling, and argument errors. Tiny random models, plus the embedded model where it matters."""
 
+import math
+
 import pytest
 import torch
 
@@ -82,6 +84,23 @@ def test_forked_continuations_equal_generating_from_the_concatenation():
         assert r.prompt_ids == states[r.input_index][0]
     unshared = generator.continue_from(states, GREEDY, k=3, share_prefixes=False)
     assert [r.completion_ids for r in unshared.rollouts] == [r.completion_ids for r in batch.rollouts]
+
+
+@pytest.mark.parametrize("policy", ["lazy", "h2o", "streaming"])
+def test_a_continuation_keeps_the_kv_budget_of_the_whole_rollout(policy):
+    """A fraction of a decoding policy's budget is a fraction of prompt + the whole completion's limit: continuing a
+    partial completion (SPO-tree's levels, SPO-chain's Monte Carlo states) samples with the cache its rollout had,
+    not one squeezed into the continuation's own length (which left a tree's first level no room for its own
+    tokens)."""
+    generator = Generator(_tiny(), WordTokenizer(), kv_policy=policy, kv_budget=0.5)
+    prompt = PROMPTS[0]
+    whole = generator.generate([prompt], SamplingParams(max_new_tokens=16, greedy=True))
+    assert whole.stats["kv_budget_tokens"] == math.ceil(0.5 * (len(prompt) + 16))
+    partial = whole.rollouts[0].completion_ids[:8]
+    for state, limit in (((prompt, []), 4), ((prompt, partial), 4), ((prompt, partial), 16)):
+        continued = generator.continue_from([state], SamplingParams(max_new_tokens=limit, greedy=True),
+                                            max_total_new_tokens=16)
+        assert continued.stats["kv_budget_tokens"] == whole.stats["kv_budget_tokens"]
 
 
 def test_rows_finishing_at_different_steps_leave_the_batch_without_changing_the_others():

@@ -176,3 +176,11 @@ def test_lazy_evicts_every_window_steps_and_never_exceeds_the_budget():
         sizes.append(int(cache.valid[0, 0].sum()))
         assert 8 - 1 in _kept_positions(cache) or step > 0  # the newest tokens survive an eviction
     assert sizes == [7, 8, 7, 8, 7, 8] and cache.peak_tokens <= 8
+
+
+def test_lazy_window_shrinks_with_small_budgets_unless_given():
+    """The default window leaves most of a small budget to importance (W <= B / 8); a given one is capped at B / 2."""
+    auto = make_policy("lazy", 70)
+    assert auto.window_tokens(70) == 8 and auto.window_tokens(4096) == 32 and auto.window_tokens(4) == 1
+    assert make_policy("lazy", 70, window=32).window_tokens(70) == 32
+    assert make_policy("lazy", 70, window=32).window_tokens(40) == 20

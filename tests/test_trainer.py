@@ -165,6 +165,34 @@ def test_spo_tree_trains_on_edges(tmp_path, task, embedded_tokenizer, monkeypatc
     assert any(not torch.equal(p, before[n]) for n, p in _trainable(trainer).items())
 
 
+@pytest.mark.parametrize("trainer_class, config_class, extra", [
+    (GRPOTrainer, GRPOConfig, {}),
+    (SPOChainTrainer, SPOChainConfig, {"mc_samples": 2, "cutpoint_interval": 2}),
+    (SPOTreeTrainer, SPOTreeConfig, {"branching": [2, 2], "segment_length": 3, "num_generations": 1}),
+])
+def test_rewards_are_told_which_completions_were_cut_at_the_length_limit(tmp_path, task, embedded_tokenizer,
+                                                                          trainer_class, config_class, extra):
+    """Every scored completion (group rollouts, Monte Carlo continuations, tree leaves) reaches the reward functions
+    with ``truncated``: true exactly when it ran to max_completion_length without an EOS."""
+    calls = []
+
+    def recording(prompts=None, completions=None, completion_ids=None, truncated=None, **columns):
+        calls.append((completion_ids, truncated))
+        return [float(i % 2) for i in range(len(completions))]
+
+    limit = 6
+    args = config_class(**_common(tmp_path, max_steps=1, max_completion_length=limit, **extra))
+    model = tiny_model(seed=2)
+    eos = {embedded_tokenizer.eos_token_id, *([model.generation_config.eos_token_id] if isinstance(
+        model.generation_config.eos_token_id, int) else model.generation_config.eos_token_id or [])}
+    trainer_class(model=model, reward_funcs=[recording], args=args, train_dataset=task,
+                  processing_class=embedded_tokenizer).train()
+    assert calls
+    for ids, truncated in calls:
+        assert truncated == [len(row) >= limit and row[-1] not in eos for row in ids]
+    assert any(any(t) for _, t in calls)
+
+
 def test_config_rejects_impossible_values():
     with pytest.raises(ValueError, match="temperature must be > 0"):
         GRPOConfig(temperature=0)

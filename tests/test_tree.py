@@ -115,12 +115,13 @@ def test_grow_tree_seeds_each_level_and_leaves_params_alone():
 
     class Recorder:
         def __init__(self):
-            self.calls = []
+            self.calls, self.totals = [], []
 
-        def continue_from(self, states, params, k):
+        def continue_from(self, states, params, k, max_total_new_tokens=None):
             from spo.rollout.generator import Rollout, RolloutBatch
 
             self.calls.append((params.seed, params.max_new_tokens))
+            self.totals.append(max_total_new_tokens)
             return RolloutBatch([Rollout(list(p), [7, 8], "x", "length", torch.zeros(2), i)
                                  for i, (p, _) in enumerate(states) for _ in range(k)])
 
@@ -130,4 +131,5 @@ def test_grow_tree_seeds_each_level_and_leaves_params_alone():
     seeds = [seed for seed, _ in recorder.calls]
     assert len(set(seeds)) == 3  # random draws differ from level to level
     assert [n for _, n in recorder.calls] == [2, 2, 6]
+    assert recorder.totals == [10, 10, 10]  # every level keeps the whole completion's KV budget
     assert params.seed == 11 and params.max_new_tokens == 99  # the caller's params are untouched

@@ -28,7 +28,7 @@ from .config import GRPOConfig, check_fits_model, prompt_limit
 from .distributed import make_accelerator, shards_weights
 from .learner import LEARNER_METRICS, Learner
 from .output_dir import check_previous_run, check_writable, lock
-from .samples import Sample, TrainBatch, train_batch
+from .samples import Sample, TrainBatch, buffer_score, train_batch
 from .state import CheckpointingMixin
 from .tracking import MetricsLog, TrackingMixin
 
@@ -175,15 +175,15 @@ class RLTrainer(CheckpointingMixin, TrackingMixin):
                               top_p=args.top_p, top_k=args.top_k, stop=list(args.stop), seed=seed)
 
     def score_completions(self, dataset_rows: list[int], texts: list[str], completion_ids: list[list[int]],
-                          record: bool = True) -> torch.Tensor:
-        """Rewards [N] of completions answering the given dataset rows; NaN marks samples a misbehaving reward
-        function made us skip. ``record`` logs the per-function means."""
+                          truncated: list[bool], record: bool = True) -> torch.Tensor:
+        """Rewards [N] of completions answering the given dataset rows (``truncated``: cut at the length limit);
+        NaN marks samples a misbehaving reward function made us skip. ``record`` logs the per-function means."""
         prompts = [self.prompts[i] for i in dataset_rows]
         columns = {c: [values[i] for i in dataset_rows] for c, values in self.column_values.items()}
         scores = compute_rewards(self.reward_funcs, prompts=prompts, completions=texts, completion_ids=completion_ids,
                                  columns=columns, weights=self.args.reward_weights,
                                  on_error=self.args.reward_errors, names=self.reward_names,
-                                 timeout=self.args.reward_timeout)
+                                 timeout=self.args.reward_timeout, truncated=truncated)
         skipped = float(sum(scores.skipped.values()))
         self._metrics["rewards/skipped"] = self._metrics.get("rewards/skipped", 0.0) + skipped
         if record:
@@ -199,7 +199,8 @@ class RLTrainer(CheckpointingMixin, TrackingMixin):
         rollouts = sorted(batch.rollouts, key=lambda r: r.input_index)
         self.count_generated(rollouts)
         rewards = self.score_completions([rows[r.input_index] for r in rollouts], [r.text for r in rollouts],
-                                         [r.completion_ids for r in rollouts])
+                                         [r.completion_ids for r in rollouts],
+                                         [r.finish_reason == "length" for r in rollouts])
         self.record_rollout_metrics(rewards, rollouts, [r.input_index for r in rollouts], batch.stats)
         return rollouts, rewards
 
@@ -309,13 +310,14 @@ class RLTrainer(CheckpointingMixin, TrackingMixin):
     def _apply_buffer(self, samples: list[Sample], step: int) -> list[Sample]:
         if self.buffer is None:
             return samples
-        effective = [abs(float(s.advantages.abs().max())) > self.buffer.eps for s in samples]
+        scores = [buffer_score(s, self.args) for s in samples]
+        effective = [score > self.buffer.eps for score in scores]
         n_effective = sum(effective)
         self._metric("ssb/effective_fraction_before", n_effective / max(1, len(samples)))
         need = self.buffer.needed(n_effective, len(samples))
         drawn = self.buffer.draw(need, step)
-        self.buffer.add([s for s, e in zip(samples, effective) if e],
-                        [float(s.advantages.abs().mean()) for s, e in zip(samples, effective) if e], step)
+        self.buffer.add([s for s, e in zip(samples, effective) if e], [a for a, e in zip(scores, effective) if e],
+                        step)
         if drawn:
             # replace zero-advantage samples by replayed ones; their stored behaviour log-probs are the old policy
             zero = set([i for i, e in enumerate(effective) if not e][:len(drawn)])

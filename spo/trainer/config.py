@@ -59,7 +59,8 @@ class GRPOConfig:
         "dapo", "loss normaliser: dapo (the step's tokens), bnpo (this process's), grpo (per sequence), dr_grpo")
     mask_truncated_completions: bool = _f(False, "leave completions cut at max_completion_length out of the loss")
     importance_sampling_sequence_band: list[float] | None = _f(
-        None, "[low, high]: mask out whole completions whose geometric-mean learner/sampler ratio leaves the band")
+        help="[low, high]: mask out completions whose geometric-mean learner/sampler ratio leaves it; null: none",
+        factory=lambda: [0.5, 2.0])
     importance_sampling_cap: float | None = _f(2.0, "cap of the importance weights against the sampler's log-probs; "
                                                     "null: none")
     # optimisation

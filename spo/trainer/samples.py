@@ -79,6 +79,14 @@ def loss_mask(sample: Sample, use_probability_mask: bool, threshold: float, mask
     return mask
 
 
+def buffer_score(sample: Sample, args) -> float:
+    """The sample buffer's score of a sample: mean |A| over the tokens that get gradient (0 when none does). A
+    sample whose only nonzero advantages sit on masked tokens would be replayed with no gradient."""
+    mask = loss_mask(sample, args.probability_mask, args.probability_threshold, args.mask_truncated_completions)
+    trained = sample.advantages.float().abs()[mask]
+    return float(trained.mean()) if trained.numel() else 0.0
+
+
 def train_batch(samples: list[Sample], args, sum_over_processes: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
                 ) -> TrainBatch:
     """Masks and final advantages for ``samples`` under the trainer settings ``args``. Whitening statistics are

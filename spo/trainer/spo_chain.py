@@ -100,7 +100,8 @@ class SPOChainTrainer(RLTrainer):
         continuation_rows = [rows[ordered[r.input_index][0]] for r in batch.rollouts]
         texts = [prefix_text[r.input_index] + r.text for r in batch.rollouts]
         ids = [list(ordered[r.input_index][2]) + r.completion_ids for r in batch.rollouts]
-        rewards = self.score_completions(continuation_rows, texts, ids, record=False)
+        rewards = self.score_completions(continuation_rows, texts, ids,
+                                         [r.finish_reason == "length" for r in batch.rollouts], record=False)
         sums = torch.zeros(len(ordered))
         counts = torch.zeros(len(ordered))
         for r, reward in zip(batch.rollouts, rewards.tolist()):

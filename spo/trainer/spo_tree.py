@@ -32,7 +32,8 @@ class SPOTreeTrainer(RLTrainer):
         all_leaves = [leaf for root in roots for leaf in leaves(root)]
         rewards = self.score_completions([rows[leaf.prompt_index] for leaf in all_leaves],
                                          [leaf.path_text() for leaf in all_leaves],
-                                         [leaf.path_tokens() for leaf in all_leaves])
+                                         [leaf.path_tokens() for leaf in all_leaves],
+                                         [not leaf.finished for leaf in all_leaves])
         for leaf, reward in zip(all_leaves, rewards.tolist()):
             leaf.reward = reward  # NaN: unscored, left out of every value (see spo.tree.hierarchical_values)
         rng = random.Random(args.seed * 7919 + step)

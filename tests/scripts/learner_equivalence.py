@@ -54,7 +54,8 @@ def main(out: str, peft: str) -> None:
     world, rank = accelerator.num_processes, accelerator.process_index
     args = GRPOConfig(output_dir=str(Path(out) / "run"), per_device_train_batch_size=GLOBAL_BATCH // (2 * world),
                       gradient_accumulation_steps=2, learning_rate=1e-2, warmup_ratio=0.0,
-                      lr_scheduler_type="constant", beta=float(os.environ.get("EQ_BETA", 0.1 if peft != "none" else 0.0)), max_steps=10)
+                      lr_scheduler_type="constant", importance_sampling_sequence_band=None,  # random behaviour
+                      beta=float(os.environ.get("EQ_BETA", 0.1 if peft != "none" else 0.0)), max_steps=10)
     samples = make_samples(count=GLOBAL_BATCH)
     local = samples[rank::world]
 

@@ -141,10 +141,14 @@ class KVPolicy:
 
     # --- sizes ---------------------------------------------------------------------------------------------------
 
-    def budget_tokens(self, prompt_len: int, max_new_tokens: int) -> int | None:
-        """The budget in tokens for a call whose longest prompt has ``prompt_len`` tokens."""
-        length = prompt_len if self.phase == "prompt" else prompt_len + max_new_tokens
-        return resolve_budget(self.budget, length)
+    def budget_tokens(self, prompt_len: int, max_new_tokens: int, rollout_len: int | None = None) -> int | None:
+        """The budget in tokens for a call whose longest prompt has ``prompt_len`` tokens. ``rollout_len``: the
+        longest whole rollout (prompt + every completion token) when the call continues partial completions; a
+        decode policy then keeps what it keeps for that rollout, so a continuation is sampled by the same
+        policy as the rollout it extends, not by one squeezed into the continuation's own, shorter length."""
+        if self.phase == "prompt":
+            return resolve_budget(self.budget, prompt_len)
+        return resolve_budget(self.budget, max(prompt_len + max_new_tokens, rollout_len or 0))
 
     def decode_budget(self, budget: int | None) -> int | None:
         """Most tokens a row may hold while decoding (None: unbounded)."""

@@ -8,7 +8,10 @@ Importance at the newest position t:
 
 The budget B bounds the cache at every step, the lag window included: when a row is full it keeps its newest
 W tokens plus the top ``B - 2W`` older ones by I, leaving room for the next W tokens, so evictions run every
-W steps and the peak never exceeds B. W is capped at B // 2.
+W steps and the peak never exceeds B. A given W is capped at B // 2. By default W is 32 capped at B // 8: the
+published W (the 80th percentile of observed recurrence intervals, 27-363) comes with budgets of thousands of
+tokens, and at a budget of 70 tokens a window of 32 leaves 6 tokens to importance, a sliding window in all but
+name (on the quickstart's arithmetic at 50% the sampler then drifted 0.7 nats per token from the learner).
 """
 
 from __future__ import annotations
@@ -46,19 +49,28 @@ def prefill_recurrence(ts: torch.Tensor, probs: torch.Tensor, query_pos: torch.T
     return seen[:, :, -1], gaps.amax(2)
 
 
+DEFAULT_WINDOW = 32
+
+
 class LazyEviction(KVPolicy):
     name = "lazy"
     scores_prefill = True
     scores_decoding = True
     stats = {"ts": "pos", "mri": 0.0}
 
-    def __init__(self, budget: int | float, alpha: float = 1e-4, window: int = 32):
+    def __init__(self, budget: int | float, alpha: float = 1e-4, window: int | None = None):
         super().__init__(budget)
         if not 0.0 < alpha < 1.0:
             raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-        if window < 1:
+        if window is not None and window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         self.alpha, self.window = alpha, window
+
+    def window_tokens(self, budget: int) -> int:
+        """W for a cache of ``budget`` tokens (see the module doc)."""
+        if self.window is None:
+            return max(1, min(DEFAULT_WINDOW, budget // 8))
+        return max(1, min(self.window, budget // 2))
 
     def observe(self, cache, layer: int, probs: torch.Tensor, query_pos: torch.Tensor) -> None:
         rows, length = cache.rows, probs.shape[-1]
@@ -73,7 +85,7 @@ class LazyEviction(KVPolicy):
 
     def before_step(self, cache) -> None:
         rows, budget = cache.rows, cache.decode_budget
-        window = min(self.window, budget // 2)
+        window = self.window_tokens(budget)
         full = cache.valid[0, :rows].sum(-1) >= budget
         if not bool(full.any()):
             return
