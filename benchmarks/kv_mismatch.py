@@ -57,11 +57,11 @@ def measure(model, tokenizer, prompt_ids, answers, setting: str, params: Samplin
     ratios = torch.tensor(gaps).exp()
     low, high = GRPOConfig().importance_sampling_sequence_band
     rewards = numeric_accuracy(completions=[r.text for r in rollouts], answer=[answers[r.input_index] for r in rollouts],
-                               truncated=[r.finish_reason == "length" for r in rollouts])
+                               truncated=[r.cut_off for r in rollouts])
     return {"setting": setting, "quantiles": torch.quantile(ratios, torch.tensor(QUANTILES)).tolist(),
             "outside_band": float(((ratios < low) | (ratios > high)).float().mean()),
             "gap": -statistics.fmean(gaps), "reward": statistics.fmean(rewards),
-            "cut_off": statistics.fmean(r.finish_reason == "length" for r in rollouts)}
+            "cut_off": statistics.fmean(r.cut_off for r in rollouts)}
 
 
 def main() -> None:

@@ -156,7 +156,7 @@ def policies(model, tokenizer, args) -> None:
         stats = batch.stats
         ours_full = ours_full or stats["peak_kv_bytes"]
         accuracy = sum(numeric_accuracy(completions=[r.text for r in batch.rollouts], answer=answers,
-                                        truncated=[r.finish_reason == "length" for r in batch.rollouts])) / len(answers)
+                                        truncated=[r.cut_off for r in batch.rollouts])) / len(answers)
         print(f"| {name} | {'-' if budget is None else f'{budget:.0%}'} | {stats['kv_budget_tokens'] or '-'} | "
               f"{stats['peak_kv_bytes'] / 2**20:.1f} | {stats['full_kv_bytes'] / 2**20:.1f} | "
               f"{stats['peak_kv_bytes'] / stats['full_kv_bytes']:.2f} | {stats['peak_kv_bytes'] / ours_full:.2f} | "

@@ -158,7 +158,7 @@ def evaluate(model, tokenizer, dataset, reward_funcs, *, num_samples: int = 1, t
                 funcs, prompts=[rows["prompt"][i] for i in indices], completions=texts,
                 completion_ids=[r.completion_ids for r in rollouts],
                 columns={c: [rows[c][i] for i in indices] for c in columns}, on_error="raise",
-                truncated=[r.finish_reason == "length" for r in rollouts],
+                truncated=[r.cut_off for r in rollouts],
             )
             accuracy = torch.nan_to_num(scores.per_function[:, 0], nan=0.0).tolist()
             for p in range(len(rows)):

@@ -32,6 +32,11 @@ class Rollout:
     def behaviour_logprobs(self) -> torch.Tensor:
         return self.logprobs if self.truncated_logprobs is None else self.truncated_logprobs
 
+    @property
+    def cut_off(self) -> bool:
+        """Whether it ran to its length limit without finishing (no EOS, no stop string)."""
+        return self.finish_reason == "length"
+
 
 @dataclass
 class RolloutBatch:

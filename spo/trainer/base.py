@@ -200,7 +200,7 @@ class RLTrainer(CheckpointingMixin, TrackingMixin):
         self.count_generated(rollouts)
         rewards = self.score_completions([rows[r.input_index] for r in rollouts], [r.text for r in rollouts],
                                          [r.completion_ids for r in rollouts],
-                                         [r.finish_reason == "length" for r in rollouts])
+                                         [r.cut_off for r in rollouts])
         self.record_rollout_metrics(rewards, rollouts, [r.input_index for r in rollouts], batch.stats)
         return rollouts, rewards
 

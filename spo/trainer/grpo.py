@@ -52,6 +52,6 @@ class GRPOTrainer(RLTrainer):
                 prompt_ids=rollout.prompt_ids, completion_ids=rollout.completion_ids,
                 **sampled_logprobs(rollout), reward=reward, step=step, dataset_row=rows[rollout.input_index],
                 advantages=torch.full((len(rollout.completion_ids),), advantage),
-                truncated=rollout.finish_reason == "length"))
+                truncated=rollout.cut_off))
         self._metric("spo/mean_abs_advantage", float(advantages.nan_to_num().abs().mean()))
         return samples

@@ -101,7 +101,7 @@ class SPOChainTrainer(RLTrainer):
         texts = [prefix_text[r.input_index] + r.text for r in batch.rollouts]
         ids = [list(ordered[r.input_index][2]) + r.completion_ids for r in batch.rollouts]
         rewards = self.score_completions(continuation_rows, texts, ids,
-                                         [r.finish_reason == "length" for r in batch.rollouts], record=False)
+                                         [r.cut_off for r in batch.rollouts], record=False)
         sums = torch.zeros(len(ordered))
         counts = torch.zeros(len(ordered))
         for r, reward in zip(batch.rollouts, rewards.tolist()):
@@ -147,7 +147,7 @@ class SPOChainTrainer(RLTrainer):
             samples.append(Sample(prompt_ids=rollout.prompt_ids, completion_ids=rollout.completion_ids,
                                   **sampled_logprobs(rollout), advantages=advantages, reward=reward,
                                   step=step, dataset_row=rows[rollout.input_index],
-                                  truncated=rollout.finish_reason == "length"))
+                                  truncated=rollout.cut_off))
         self._metric("spo/num_segments", sum(b.numel() for b in boundaries) / max(1, len(boundaries)))
         self._metric("spo/mean_abs_advantage", sum(abs_advantages) / max(1, len(abs_advantages)))
         return samples
