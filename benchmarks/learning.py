@@ -1,19 +1,27 @@
-"""Learning comparisons at an equal budget of generated tokens, same seeds, on the built-in task.
+"""Learning comparisons at an equal budget, over seeds, on a built-in task.
 
-Every variant starts from the quickstart recipe (embedded model, MoS adapters, SPO-chain, LazyEviction, sample
-buffer, bf16 rollouts) and changes one thing; each trains until it has sampled ``--token-budget`` tokens (rollouts and Monte Carlo
-continuations alike), then is evaluated greedily on the held-out split. Writes a Markdown table (held-out accuracy
-mean and spread over seeds, tokens generated, wall time) and a plot of reward against tokens.
+Every variant starts from the quickstart recipe (embedded model, MoS adapters, SPO-chain, LazyEviction 50% with
+the importance correction, sample buffer, bf16 rollouts) and changes one thing. Each run trains until it has
+sampled ``--token-budget`` tokens (rollouts and Monte Carlo continuations alike) or spent ``--seconds-budget``
+seconds in training steps (rollouts and updates; evaluations and checkpoints do not count), then is evaluated
+greedily on the same held-out problems as every other run. Writes a Markdown table (held-out accuracy: mean and
+standard error over seeds, tokens, steps, training time) and a plot of training reward (mean over seeds, the band
+one standard error wide) against tokens or seconds.
 
     python benchmarks/learning.py --seeds 0 1 2 --token-budget 60000
-    python benchmarks/learning.py --variants spo_chain grpo --seeds 0 --token-budget 20000   # a quick look
-    python benchmarks/learning.py ... --resume      # after an interruption: keeps the finished runs
+    python benchmarks/learning.py --task ledger --seconds-budget 600 --variants spo_chain spo_tree grpo
+    python benchmarks/learning.py --variants lora_r1 mos_r1 --learning-rates 5e-4 2e-3 5e-3   # a small lr sweep
+
+It resumes by itself: a finished run (in OUT/results.json) is not run again, and an interrupted one continues
+from its last checkpoint, so a long sweep can be stopped and restarted across sessions. A results file written
+for another task or budget is refused rather than mixed in. Time budgets need an otherwise idle machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import time
@@ -27,45 +35,76 @@ ROOT = Path(__file__).resolve().parents[1]
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _mos(equivalent_rank: int, private_rank: int) -> dict:
+def _mos(equivalent_rank: int) -> dict:
+    """MoS with LoRA rank ``equivalent_rank``'s trainable parameters (the quickstart's shape at R = 2)."""
     return {"type": "mos", "r": 8, "equivalent_rank": equivalent_rank, "shards_per_vector": 2,
-            "private_rank": private_rank, "lora_alpha": 16, "target_modules": PROJECTIONS}
+            "private_rank": 0 if equivalent_rank == 1 else 1, "lora_alpha": 16, "target_modules": PROJECTIONS}
 
 
-# variant -> (algorithm, overrides of the recipe's train section, overrides of its peft section)
+def _lora(rank: int) -> dict:
+    return {"type": "lora", "r": rank, "lora_alpha": 2 * rank, "target_modules": PROJECTIONS}
+
+
+# variant -> (algorithm, overrides of the recipe's train section, its peft section or None for the recipe's)
 VARIANTS: dict[str, tuple[str, dict, dict | None]] = {
     "spo_chain": ("spo_chain", {}, None),  # the quickstart recipe as shipped
     "spo_chain_no_mask": ("spo_chain", {"probability_mask": False}, None),
     "spo_tree": ("spo_tree", {"branching": [4, 2, 2], "segment_length": 24}, None),
     "grpo": ("grpo", {"probability_mask": False}, None),
-    "grpo_prob_mask": ("grpo", {"probability_mask": True}, None),
-    "lora_r8": ("spo_chain", {}, {"type": "lora", "r": 8, "lora_alpha": 16, "target_modules": PROJECTIONS}),
-    "mos_equal_params": ("spo_chain", {}, _mos(equivalent_rank=8, private_rank=1)),  # LoRA r8's parameter count
-    "mos_one_eighth": ("spo_chain", {}, _mos(equivalent_rank=1, private_rank=0)),  # LoRA r1's parameter count
+    "rloo": ("rloo", {"probability_mask": False}, None),
+    "dr_grpo": ("dr_grpo", {"probability_mask": False}, None),
     "full_cache": ("spo_chain", {"kv_policy": "full", "kv_budget": None}, None),
-    "lazy_50": ("spo_chain", {"kv_policy": "lazy", "kv_budget": 0.5}, None),
+    "lazy_50_uncorrected": ("spo_chain", {"importance_sampling_sequence_band": None,
+                                          "importance_sampling_cap": None}, None),
     "no_buffer": ("spo_chain", {"use_sample_buffer": False}, None),
+    "lora_r1": ("spo_chain", {}, _lora(1)),
+    "lora_r2": ("spo_chain", {}, _lora(2)),
+    "lora_r8": ("spo_chain", {}, _lora(8)),
+    "mos_r1": ("spo_chain", {}, _mos(1)),  # LoRA r1's parameters: 1/8 of LoRA r8's
+    "mos_r8": ("spo_chain", {}, _mos(8)),  # LoRA r8's parameters; mos_r2 is spo_chain itself
 }
 SPO_ONLY_KEYS = ("mc_samples", "cutpoint_interval", "max_mc_states_per_step", "group_prompt_value")
 
+# task -> changes to the recipe: data sets, reward and lengths (the ledger's worked answers run 150-300 tokens)
+TASKS: dict[str, dict] = {
+    "arithmetic": {},
+    "ledger": {"source": "builtin:ledger", "reward_funcs": ["numeric_accuracy"],
+               "train": {"max_completion_length": 320, "eval_max_new_tokens": 384}},
+}
 
-def variant_recipe(name: str, seed: int, budget: int, out: Path, eval_limit: int):
-    """The quickstart recipe with variant ``name``'s changes, ending at ``budget`` generated tokens."""
+
+def run_name(variant: str, learning_rate: float | None) -> str:
+    return variant if learning_rate is None else f"{variant}@lr{learning_rate:g}"
+
+
+def variant_recipe(name: str, seed: int, out: Path, eval_limit: int, *, task: str = "arithmetic",
+                   token_budget: int | None = None, seconds_budget: float | None = None,
+                   learning_rate: float | None = None):
+    """The quickstart recipe on ``task`` with variant ``name``'s changes, ending at the token or time budget."""
     from spo.config import load_config
     from spo.trainer.run import Recipe
 
+    if (token_budget is None) == (seconds_budget is None):
+        raise ValueError("give exactly one of token_budget and seconds_budget")
     algorithm, train_overrides, peft = VARIANTS[name]
     recipe = load_config(Recipe, ROOT / "recipes" / "quickstart.yaml")
     recipe.algorithm = algorithm
-    train = dict(recipe.train)
+    changes = TASKS[task]
+    if "source" in changes:
+        recipe.dataset.source = recipe.eval_dataset.source = changes["source"]
+    recipe.reward_funcs = changes.get("reward_funcs", recipe.reward_funcs)
+    train = dict(recipe.train) | changes.get("train", {})
     if algorithm != "spo_chain":
         for key in SPO_ONLY_KEYS:
             train.pop(key, None)
-    # the token budget ends the run, so the step count is not known in advance: a constant learning rate (a
-    # "linear" decay over a placeholder max_steps would be constant in all but name)
+    # a budget ends the run, so the step count is not known in advance: a constant learning rate (a "linear"
+    # decay over a placeholder max_steps would be constant in all but name)
     train.update(train_overrides, seed=seed, max_steps=10_000, lr_scheduler_type="constant",
-                 max_generated_tokens=budget, save_steps=None,
-                 report_to=["none"], output_dir=str(out / f"{name}-seed{seed}"), log_completions=False)
+                 max_generated_tokens=token_budget, max_train_seconds=seconds_budget, save_steps=4,
+                 save_total_limit=1, report_to=["none"], log_completions=False,
+                 output_dir=str(out / f"{run_name(name, learning_rate)}-seed{seed}"))
+    if learning_rate is not None:
+        train["learning_rate"] = learning_rate
     recipe.train = train
     recipe.dataset.seed = seed
     recipe.eval_dataset.limit = eval_limit
@@ -74,76 +113,131 @@ def variant_recipe(name: str, seed: int, budget: int, out: Path, eval_limit: int
     return recipe
 
 
-def run_variant(name: str, seed: int, budget: int, out: Path, eval_limit: int) -> dict:
+def run_variant(recipe, name: str, seed: int, learning_rate: float | None) -> dict:
+    from spo.trainer import checkpoint as ckpt
     from spo.trainer.run import build_trainer
 
+    output_dir = Path(recipe.train["output_dir"])
+    if ckpt.resolve(output_dir, "latest") is not None:
+        recipe.train["resume_from_checkpoint"] = "latest"  # an interrupted run continues
+    else:
+        recipe.train["overwrite_output_dir"] = True  # a run killed before its first checkpoint starts over
     started = time.perf_counter()
-    trainer = build_trainer(variant_recipe(name, seed, budget, out, eval_limit))
+    trainer = build_trainer(recipe)
     history = trainer.train()
     accuracy = trainer.evaluate()["accuracy"]
-    return {"variant": name, "seed": seed, "accuracy": accuracy, "tokens": trainer.tokens_generated,
-            "steps": trainer.step, "seconds": time.perf_counter() - started,
-            "curve": [(h.get("tokens/generated_total", 0), h.get("reward")) for h in history]}
+    trainer.close()
+    return {"variant": run_name(name, learning_rate), "seed": seed, "accuracy": accuracy,
+            "tokens": trainer.tokens_generated, "steps": trainer.step, "train_seconds": trainer.train_seconds,
+            "seconds": time.perf_counter() - started,
+            "curve": [(h.get("tokens/generated_total", 0), h.get("timing/train_total", 0), h.get("reward"))
+                      for h in history if "reward" in h]}
+
+
+def mean_and_error(values: list[float]) -> tuple[float, float]:
+    error = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return statistics.mean(values), error
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| variant | held-out accuracy (mean ± sd) | seeds | tokens generated | steps | wall time (s) |",
+    lines = ["| variant | held-out accuracy (mean ± SE) | seeds | tokens generated | steps | training time (s) |",
              "| --- | --- | --- | --- | --- | --- |"]
     for name in dict.fromkeys(r["variant"] for r in results):
         runs = [r for r in results if r["variant"] == name]
-        accs = [r["accuracy"] for r in runs]
-        spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        lines.append(f"| {name} | {statistics.mean(accs):.3f} ± {spread:.3f} | {len(runs)} | "
-                     f"{statistics.mean(r['tokens'] for r in runs):.0f} | {statistics.mean(r['steps'] for r in runs):.0f} | "
-                     f"{statistics.mean(r['seconds'] for r in runs):.0f} |")
+        mean, error = mean_and_error([r["accuracy"] for r in runs])
+        lines.append(f"| {name} | {mean:.3f} ± {error:.3f} | {len(runs)} | "
+                     f"{statistics.mean(r['tokens'] for r in runs):,.0f} | "
+                     f"{statistics.mean(r['steps'] for r in runs):.1f} | "
+                     f"{statistics.mean(r['train_seconds'] for r in runs):.0f} |")
     return "\n".join(lines)
 
 
-def plot(results: list[dict], path: Path) -> None:
+def spread(curves: list[list[tuple[float, float]]], points: int = 40) -> tuple[list[float], list[float], list[float]]:
+    """Mean and standard error over ``curves`` of (x, y) points, each interpolated on a common grid of x up to the
+    shortest curve's end (no seed is extrapolated)."""
+    import numpy as np
+
+    end = min(curve[-1][0] for curve in curves)
+    grid = np.linspace(min(curve[0][0] for curve in curves), end, points)
+    ys = np.array([np.interp(grid, [x for x, _ in curve], [y for _, y in curve]) for curve in curves])
+    error = ys.std(axis=0, ddof=1) / math.sqrt(len(curves)) if len(curves) > 1 else np.zeros(points)
+    return grid.tolist(), ys.mean(axis=0).tolist(), error.tolist()
+
+
+def plot(results: list[dict], path: Path, against: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    column = 0 if against == "tokens" else 1
     figure, axis = plt.subplots(figsize=(8, 4.5))
-    for r in results:
-        points = [(t, v) for t, v in r["curve"] if v is not None]
-        if points:
-            axis.plot(*zip(*points), label=f"{r['variant']} s{r['seed']}", alpha=0.8)
-    axis.set_xlabel("tokens generated")
-    axis.set_ylabel("training reward")
+    for name in dict.fromkeys(r["variant"] for r in results):
+        curves = [[(point[column], point[2]) for point in r["curve"] if point[2] is not None]
+                  for r in results if r["variant"] == name]
+        curves = [c for c in curves if len(c) > 1]
+        if not curves:
+            continue
+        x, mean, error = spread(curves)
+        line, = axis.plot(x, mean, label=f"{name} ({len(curves)} seeds)")
+        axis.fill_between(x, [m - e for m, e in zip(mean, error)], [m + e for m, e in zip(mean, error)],
+                          color=line.get_color(), alpha=0.2)
+    axis.set_xlabel("tokens generated" if against == "tokens" else "training time (s)")
+    axis.set_ylabel("training reward (mean ± SE over seeds)")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7, ncol=2)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
 
+def load_results(saved: Path, setting: dict) -> list[dict]:
+    """Finished runs of an earlier invocation with the same task, budget and evaluation (else an error)."""
+    if not saved.is_file():
+        return []
+    data = json.loads(saved.read_text())
+    if data.get("setting") != setting:
+        raise SystemExit(f"{saved} holds runs for {data.get('setting')}, not {setting}: choose another --out")
+    return data["runs"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--task", default="arithmetic", choices=list(TASKS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--token-budget", type=int, default=60_000)
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--token-budget", type=int, help="tokens sampled per run (default 60,000)")
+    budget.add_argument("--seconds-budget", type=float, help="seconds of training steps per run")
+    parser.add_argument("--learning-rates", nargs="+", type=float,
+                        help="run every variant at each of these learning rates (a sweep); default: the recipe's")
     parser.add_argument("--eval-limit", type=int, default=200)
     parser.add_argument("--out", default="outputs/learning")
-    parser.add_argument("--resume", action="store_true", help="keep the runs already in OUT/results.json")
     options = parser.parse_args()
+    if options.token_budget is None and options.seconds_budget is None:
+        options.token_budget = 60_000
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
+    setting = {"task": options.task, "token_budget": options.token_budget,
+               "seconds_budget": options.seconds_budget, "eval_limit": options.eval_limit}
     saved = out / "results.json"
-    results = json.loads(saved.read_text()) if options.resume and saved.is_file() else []
+    results = load_results(saved, setting)
     done = {(r["variant"], r["seed"]) for r in results}
     for name in options.variants:
-        for seed in options.seeds:
-            if (name, seed) in done:
-                continue
-            results.append(run_variant(name, seed, options.token_budget, out, options.eval_limit))
-            print(json.dumps({k: v for k, v in results[-1].items() if k != "curve"}), flush=True)
-            staging = saved.with_suffix(".tmp")
-            staging.write_text(json.dumps(results, indent=2))
-            staging.replace(saved)
+        for learning_rate in options.learning_rates or [None]:
+            for seed in options.seeds:
+                if (run_name(name, learning_rate), seed) in done:
+                    continue
+                recipe = variant_recipe(name, seed, out, options.eval_limit, task=options.task,
+                                        token_budget=options.token_budget, seconds_budget=options.seconds_budget,
+                                        learning_rate=learning_rate)
+                results.append(run_variant(recipe, name, seed, learning_rate))
+                print(json.dumps({k: v for k, v in results[-1].items() if k != "curve"}), flush=True)
+                staging = saved.with_suffix(".tmp")
+                staging.write_text(json.dumps({"setting": setting, "runs": results}, indent=2))
+                staging.replace(saved)
     print(table(results))
     (out / "table.md").write_text(table(results) + "\n")
-    plot(results, out / "curves.png")
+    plot(results, out / "curves.png", "tokens" if options.token_budget is not None else "seconds")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ Per seed: held-out greedy accuracy before and after (the run's ``summary.json``)
 ``timing/step`` in ``metrics.jsonl``). Then the mean and its standard error over seeds, and the range.
 
     python benchmarks/quickstart_seeds.py --seeds 0 1 2 [--recipe recipes/quickstart.yaml] [--out outputs/seeds]
-    python benchmarks/quickstart_seeds.py --seeds 0 1 2 --out outputs/kv50 --train.kv_budget 0.5   # recipe keys
+    python benchmarks/quickstart_seeds.py --seeds 0 1 2 --out outputs/full --train.kv_policy full --train.kv_budget null
 
 Other options are recipe keys, passed on to ``spo train`` as they are.
 

@@ -3,6 +3,7 @@ committed script with options it has, the profiles come from those scripts, and 
 are the ones they pass."""
 
 import importlib.util
+import json
 import re
 import sys
 import types
@@ -64,12 +65,37 @@ def test_vs_trl_passes_trls_gradient_checkpointing_setting(monkeypatch):
 
 
 def test_learning_benchmark_variants_are_valid_recipes_with_a_constant_learning_rate(tmp_path):
-    """The token budget ends these runs, so max_steps is a placeholder: a decaying schedule would not decay."""
+    """A budget ends these runs, so max_steps is a placeholder: a decaying schedule would not decay. Every variant
+    on every task is a recipe the trainer accepts, evaluated on the same held-out problems."""
     learning = load("learning")
-    for name in learning.VARIANTS:
-        config = trainer_config(learning.variant_recipe(name, seed=1, budget=5000, out=tmp_path, eval_limit=10))
-        assert config.lr_scheduler_type == "constant", name
-        assert config.max_generated_tokens == 5000 and config.seed == 1, name
+    for task in learning.TASKS:
+        for name in learning.VARIANTS:
+            recipe = learning.variant_recipe(name, seed=1, out=tmp_path, eval_limit=10, task=task, token_budget=5000)
+            config = trainer_config(recipe)
+            assert config.lr_scheduler_type == "constant", name
+            assert config.max_generated_tokens == 5000 and config.max_train_seconds is None and config.seed == 1
+            assert recipe.eval_dataset.source.endswith(task) and recipe.eval_dataset.seed == 0, (task, name)
+    timed = learning.variant_recipe("lora_r1", seed=0, out=tmp_path, eval_limit=10, seconds_budget=60.0,
+                                    learning_rate=5e-4)
+    config = trainer_config(timed)
+    assert config.max_train_seconds == 60.0 and config.max_generated_tokens is None and config.learning_rate == 5e-4
+    assert config.output_dir.endswith("lora_r1@lr0.0005-seed0")
+    with pytest.raises(ValueError, match="exactly one"):
+        learning.variant_recipe("grpo", seed=0, out=tmp_path, eval_limit=10)
+
+
+def test_learning_benchmark_refuses_results_of_another_setting_and_averages_curves_over_seeds(tmp_path):
+    learning = load("learning")
+    saved = tmp_path / "results.json"
+    saved.write_text(json.dumps({"setting": {"task": "arithmetic", "token_budget": 100}, "runs": [{"seed": 0}]}))
+    assert learning.load_results(saved, {"task": "arithmetic", "token_budget": 100}) == [{"seed": 0}]
+    with pytest.raises(SystemExit, match="token_budget"):
+        learning.load_results(saved, {"task": "ledger", "token_budget": 100})
+    x, mean, error = learning.spread([[(0, 0.0), (10, 1.0)], [(0, 0.0), (5, 0.0), (8, 0.0)]], points=3)
+    assert x == [0.0, 4.0, 8.0]  # up to the shorter curve's end
+    assert mean == pytest.approx([0.0, 0.2, 0.4]) and error == pytest.approx([0.0, 0.2, 0.4])
+    runs = [{"variant": "a", "accuracy": acc, "tokens": 10, "steps": 2, "train_seconds": 5.0} for acc in (0.2, 0.4)]
+    assert "| a | 0.300 ± 0.100 | 2 |" in learning.table(runs)
 
 
 def test_update_benchmark_profiles_an_update(tmp_path):

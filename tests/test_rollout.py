@@ -88,19 +88,32 @@ def test_forked_continuations_equal_generating_from_the_concatenation():
 
 @pytest.mark.parametrize("policy", ["lazy", "h2o", "streaming"])
 def test_a_continuation_keeps_the_kv_budget_of_the_whole_rollout(policy):
-    """A fraction of a decoding policy's budget is a fraction of prompt + the whole completion's limit: continuing a
-    partial completion (SPO-tree's levels, SPO-chain's Monte Carlo states) samples with the cache its rollout had,
-    not one squeezed into the continuation's own length (which left a tree's first level no room for its own
-    tokens)."""
+    """A fraction of a decoding policy's budget is the prompt plus a fraction of the whole completion's limit:
+    continuing a partial completion (SPO-tree's levels, SPO-chain's Monte Carlo states) samples with the cache its
+    rollout had, not one squeezed into the continuation's own length (which left a tree's first level no room for
+    its own tokens)."""
     generator = Generator(_tiny(), WordTokenizer(), kv_policy=policy, kv_budget=0.5)
     prompt = PROMPTS[0]
     whole = generator.generate([prompt], SamplingParams(max_new_tokens=16, greedy=True))
-    assert whole.stats["kv_budget_tokens"] == math.ceil(0.5 * (len(prompt) + 16))
+    assert whole.stats["kv_budget_tokens"] == len(prompt) + 8
     partial = whole.rollouts[0].completion_ids[:8]
     for state, limit in (((prompt, []), 4), ((prompt, partial), 4), ((prompt, partial), 16)):
         continued = generator.continue_from([state], SamplingParams(max_new_tokens=limit, greedy=True),
                                             max_total_new_tokens=16)
         assert continued.stats["kv_budget_tokens"] == whole.stats["kv_budget_tokens"]
+
+
+@pytest.mark.parametrize("policy", ["lazy", "h2o", "streaming"])
+def test_a_fractional_decode_budget_keeps_the_whole_prompt_until_that_share_of_the_completion_is_written(policy):
+    """At kv_budget 0.5 nothing is evicted before half the completion's limit is decoded, however long the prompt:
+    the sampler reads the whole question (a budget taken of prompt + completion once fell below the prompt)."""
+    model, tokenizer = _tiny(), WordTokenizer()
+    prompt = PROMPTS[0] * 4
+    params = SamplingParams(max_new_tokens=16, greedy=True)
+    full = Generator(model, tokenizer).generate([prompt], params).rollouts[0].completion_ids
+    compressed = Generator(model, tokenizer, kv_policy=policy, kv_budget=0.5).generate([prompt], params)
+    assert compressed.stats["kv_budget_tokens"] == len(prompt) + 8 < len(prompt) + 16
+    assert compressed.rollouts[0].completion_ids[:9] == full[:9]
 
 
 def test_rows_finishing_at_different_steps_leave_the_batch_without_changing_the_others():

@@ -20,6 +20,7 @@ INF = float("inf")
 def test_resolve_budget():
     assert resolve_budget(None, 100) is None
     assert resolve_budget(0.5, 101) == 51 and resolve_budget(1.0, 80) == 80
+    assert resolve_budget(0.5, 64, kept=75) == 107 and resolve_budget(64, 100, kept=75) == 64
     assert resolve_budget(64, 100) == 64 and resolve_budget(64.0, 100) == 64
     for bad in (0, -3, 1.5, 0.0):
         with pytest.raises(ValueError, match="kv_budget"):

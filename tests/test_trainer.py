@@ -445,3 +445,34 @@ def test_a_requested_interrupt_stops_training_at_the_next_step(tmp_path, task, e
         trainer.train()
     assert trainer.step == 0 and not list((tmp_path / "run").glob("checkpoint-*"))
     trainer.close()
+
+
+@pytest.mark.parametrize("budget", [{"max_generated_tokens": 100}, {"max_train_seconds": 1e-3}])
+def test_a_token_or_time_budget_ends_training_and_its_count_survives_a_resume(tmp_path, task, embedded_tokenizer,
+                                                                             budget):
+    """``max_generated_tokens`` and ``max_train_seconds`` end a run before ``max_steps`` (what equal-budget
+    comparisons rely on); their running totals are checkpointed, so a resumed run stops where it would have."""
+    def run(**extra):
+        args = GRPOConfig(**_common(tmp_path, max_steps=6, save_steps=1, **budget, **extra))
+        trainer = GRPOTrainer(model=tiny_model(seed=0), reward_funcs=[vowel_share], args=args, train_dataset=task,
+                              processing_class=embedded_tokenizer)
+        trainer.train()
+        trainer.close()
+        return trainer
+
+    first = run()
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(logged) == first.step < 6
+    assert logged[-1]["tokens/generated_total"] == first.tokens_generated
+    assert logged[-1]["timing/train_total"] == pytest.approx(first.train_seconds) and first.train_seconds > 0
+    if "max_train_seconds" in budget:
+        assert first.step == 1
+        return
+    totals = [row["tokens/generated_total"] for row in logged]
+    assert first.step >= 2 and max(totals[:-1]) < 100 <= totals[-1]  # a step holds at most 2 x 4 x 12 = 96 tokens
+    finished = run(resume_from_checkpoint="latest")  # the last checkpoint has spent the budget: nothing to train
+    assert finished.step == first.step and finished.tokens_generated == first.tokens_generated
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == first.step
+    before_last = str(tmp_path / "run" / f"checkpoint-{first.step - 1}")
+    resumed = run(resume_from_checkpoint=before_last, save_total_limit=None)  # stops where the first run did
+    assert resumed.step == first.step and resumed.tokens_generated == first.tokens_generated

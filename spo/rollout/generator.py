@@ -61,8 +61,9 @@ class Generator:
     """Samples completions from a Hugging Face causal LM with a compressed KV cache.
 
     ``kv_policy`` is a registry name (see ``spo.rollout.kv.available_policies()``) or a ``KVPolicy``;
-    ``kv_budget`` is a number of tokens or a fraction in (0, 1] (of the longest prompt for prompt policies,
-    of prompt + max_new_tokens for decoding policies); ``kv_kwargs`` go to the policy's constructor.
+    ``kv_budget`` is a number of tokens or a fraction in (0, 1]: of the longest prompt for prompt policies; for
+    decoding policies, the prompt plus that fraction of max_new_tokens. ``kv_kwargs`` go to the policy's
+    constructor.
     ``pack_weights`` runs the linear layers on prepacked oneDNN weights when the model is on a CPU (see
     ``spo.rollout.packed``: faster decoding for one extra copy of those weights).
     """
@@ -98,8 +99,8 @@ class Generator:
         prefix separately instead: the baseline for measuring the saving). With ``max_total_new_tokens`` a state
         may add at most that many tokens minus its partial's length (and at most ``params.max_new_tokens``).
         A partial ending in EOS continues with nothing (finish reason "stop"). With ``max_total_new_tokens``, a
-        fractional ``kv_budget`` of a decoding policy is a fraction of prompt + ``max_total_new_tokens``, the
-        whole rollout's length, as when that rollout was generated in one call."""
+        fractional ``kv_budget`` of a decoding policy is the prompt plus that fraction of ``max_total_new_tokens``,
+        the whole completion's limit, as when that rollout was generated in one call."""
         if k < 1:
             raise ValueError(f"k (num_return_sequences) must be >= 1, got {k}")
         if any(not prompt for prompt, _ in states):
@@ -136,9 +137,9 @@ class Generator:
                  "prefill_tokens_unshared": 0, "tokens_generated": 0, "peak_kv_bytes": 0, "full_kv_bytes": 0,
                  "allocated_kv_bytes": 0, "kv_policy": self.policy.name}
         if plan.prompts:
-            rollout_len = None if max_total_new_tokens is None else \
-                max(len(prompt) for prompt in plan.prompts) + max_total_new_tokens
-            rollouts += self._run(plan, params, k, stats, rollout_len)
+            rollout = None if max_total_new_tokens is None else \
+                (max(len(prompt) for prompt in plan.prompts), max_total_new_tokens)
+            rollouts += self._run(plan, params, k, stats, rollout)
         rollouts.sort(key=lambda r: r.input_index)
         stats["rollouts"] = len(rollouts)
         stats["seconds"] = time.perf_counter() - started
@@ -201,7 +202,7 @@ class Generator:
         return out.logits[:, -1]
 
     @torch.inference_mode()
-    def _run(self, plan: _Plan, params: SamplingParams, k: int, stats: dict, rollout_len: int | None
+    def _run(self, plan: _Plan, params: SamplingParams, k: int, stats: dict, rollout: tuple[int, int] | None
              ) -> list[Rollout]:
         device = self.model.get_input_embeddings().weight.device
         dtype = self.model.get_input_embeddings().weight.dtype
@@ -210,7 +211,7 @@ class Generator:
         lengths = torch.tensor([len(p) for p in prefixes], device=device)
         width, longest_new = int(lengths.max()), max(plan.limits)
         self._check_window(width + longest_new)
-        budget = self.policy.budget_tokens(width, longest_new, rollout_len)
+        budget = self.policy.budget_tokens(width, longest_new, rollout)
         decode_budget = self.policy.decode_budget(budget)
         capacity = width + longest_new if decode_budget is None else max(width, min(decode_budget, width + longest_new))
         forks = torch.tensor([k * len(o) for o in plan.owners], device=device)  # rows continuing each prefix

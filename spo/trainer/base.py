@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 TRAINER_METRICS = ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "completions/max_length",
                    "completions/clipped_ratio", "kv/peak_kv_bytes", "kv/full_kv_bytes", "kv/peak_fraction",
                    "rewards/skipped", "tokens/step", "tokens/generated_total", "timing/rollout", "timing/update",
-                   "timing/step", "learning_rate", "perf/peak_memory_gib", "spo/mean_abs_advantage",
+                   "timing/step", "timing/train_total", "learning_rate", "perf/peak_memory_gib", "spo/mean_abs_advantage",
                    "ssb/effective_fraction_before", "ssb/size", "ssb/reinjected", "ssb/mean_age",
                    "ssb/effective_fraction_after", "eval/accuracy", "eval/problems")
 
@@ -144,6 +144,7 @@ class RLTrainer(CheckpointingMixin, TrackingMixin):
         self.step = 0
         self.interrupt_requested = False  # set by ``spo train``'s SIGINT handler
         self.tokens_generated = 0  # over all processes, rollouts and Monte Carlo continuations alike
+        self.train_seconds = 0.0  # the training steps' time, averaged over processes (they wait for each other)
         self.data_epoch = 0
         self.data_position = 0
         self._metrics: dict[str, float] = {}
@@ -216,14 +217,19 @@ class RLTrainer(CheckpointingMixin, TrackingMixin):
     # --- the loop --------------------------------------------------------------------------------------------------
 
     def train(self):
-        """Train to ``max_steps`` (or the token budget); returns the logged metrics (main process). The process
+        """Train to ``max_steps`` (or the token or time budget); returns the logged metrics (main process). The process
         group stays up, so ``evaluate()`` still works afterwards under several processes; ``close()`` ends it."""
         args = self.args
         if args.resume_from_checkpoint:
             self.resume(args.resume_from_checkpoint)
-            if self.step >= args.max_steps:
-                logger.warning("nothing to train: the checkpoint is at step %d and max_steps is %d; raise "
-                               "--train.max_steps to continue", self.step, args.max_steps)
+            spent = self._budget_reached()
+            if self.step >= args.max_steps or spent:
+                if spent:
+                    logger.warning("nothing to train: the checkpoint at step %d has spent the %s; raise it to "
+                                   "continue", self.step, spent)
+                else:
+                    logger.warning("nothing to train: the checkpoint is at step %d and max_steps is %d; raise "
+                                   "--train.max_steps to continue", self.step, args.max_steps)
                 if not (self.output_dir / ("adapter" if self.uses_adapters else "model")).is_dir():
                     self.save_model(self.output_dir)  # a run killed after its last checkpoint
                 return self.metrics_log.history() if self.accelerator.is_main_process else []
@@ -241,7 +247,7 @@ class RLTrainer(CheckpointingMixin, TrackingMixin):
         return self.metrics_log.history() if self.accelerator.is_main_process else []
 
     def _train_steps(self, bar) -> None:
-        """From ``self.step`` to ``max_steps`` (or the token budget); ``bar`` shows each step's reward and speed."""
+        """From ``self.step`` to ``max_steps`` (or the token or time budget); ``bar`` shows each step's reward and speed."""
         args = self.args
         for step in range(self.step, args.max_steps):
             if self.interrupt_requested:  # a Ctrl-C whose KeyboardInterrupt was swallowed (raised inside a __del__)
@@ -266,22 +272,35 @@ class RLTrainer(CheckpointingMixin, TrackingMixin):
                 self._metric("perf/peak_memory_gib", torch.cuda.max_memory_allocated() / 2**30)
                 torch.cuda.reset_peak_memory_stats()
             self.step = step + 1
-            local_tokens = torch.tensor([float(self._metrics.get("tokens/step", 0.0))], dtype=torch.float64)
-            self.tokens_generated += int(self.learner.sum_over_processes(local_tokens).item())
+            local = torch.tensor([float(self._metrics.get("tokens/step", 0.0)), self._metrics["timing/step"]],
+                                 dtype=torch.float64)
+            tokens, seconds = self.learner.sum_over_processes(local).tolist()  # every process gets the same sums
+            self.tokens_generated += int(tokens)
+            self.train_seconds += seconds / self.accelerator.num_processes
             self._metric("tokens/generated_total", float(self.tokens_generated))
+            self._metric("timing/train_total", self.train_seconds)
             if args.eval_steps and self.eval_dataset is not None and self.step % args.eval_steps == 0:
                 self._metrics.update({f"eval/{k}": v for k, v in self.evaluate().items()})
-            budget_reached = args.max_generated_tokens is not None and self.tokens_generated >= args.max_generated_tokens
+            budget_reached = self._budget_reached()
             if self.step % args.logging_steps == 0 or self.step == args.max_steps or budget_reached:
                 logged = self._log()
                 bar.set_postfix(reward=f"{logged.get('reward', float('nan')):.3f}",
                                 tokens_per_s=f"{logged.get('perf/tokens_per_second', float('nan')):.0f}", refresh=False)
             bar.update(1)
             if budget_reached:
-                logger.info("token budget of %d reached at step %d", args.max_generated_tokens, self.step)
+                logger.info("%s reached at step %d", budget_reached, self.step)
                 break
             if args.save_steps and self.step % args.save_steps == 0 and self.step < args.max_steps:
                 self.save_checkpoint()
+
+    def _budget_reached(self) -> str | None:
+        """Which of the run's budgets, other than ``max_steps``, is spent (None: neither)."""
+        args = self.args
+        if args.max_generated_tokens is not None and self.tokens_generated >= args.max_generated_tokens:
+            return f"token budget of {args.max_generated_tokens}"
+        if args.max_train_seconds is not None and self.train_seconds >= args.max_train_seconds:
+            return f"time budget of {args.max_train_seconds:g} s"
+        return None
 
     def close(self) -> None:
         """End the run: trackers and the process group (after the last ``train`` or ``evaluate``). The model stays

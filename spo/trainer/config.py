@@ -26,6 +26,8 @@ class GRPOConfig:
     seed: int = _f(0, "random seed (rollouts, data order, adapter initialisation)")
     max_steps: int = _f(100, "RL iterations: generate -> score -> update")
     max_generated_tokens: int | None = _f(None, "stop earlier once this many tokens were sampled (all processes)")
+    max_train_seconds: float | None = _f(None, "stop earlier once the training steps (rollouts and updates, not "
+                                               "evaluations or checkpoints) have taken this many seconds")
     # generation
     prompts_per_step: int = _f(8, "prompts per step over all processes; each process takes an equal share")
     num_generations: int = _f(8, "completions sampled per prompt (the group)")
@@ -41,7 +43,7 @@ class GRPOConfig:
     generation_batch_size: int | None = _f(None, "rows decoded at once, a multiple of num_generations; null: 64 "
                                                  "rounded down to one")
     kv_policy: str = _f("full", "rollout KV cache policy: full, streaming, h2o, snapkv, windowkv or lazy")
-    kv_budget: float | None = _f(None, "KV cache budget: tokens (>= 1) or a fraction of prompt + new tokens (< 1)")
+    kv_budget: float | None = _f(None, "KV cache budget: tokens (>= 1) or a fraction (<= 1): of the prompt for snapkv/windowkv, for decoding policies the prompt plus that fraction of max_completion_length")
     kv_kwargs: dict = _f(help="further options of the KV cache policy", factory=dict)
     rollout_dtype: str | None = _f(None, "sample from a merged copy of the policy in this dtype (bfloat16, float16, "
                                          "float32); null: the policy")
@@ -62,7 +64,7 @@ class GRPOConfig:
         help="[low, high]: mask out completions whose geometric-mean learner/sampler ratio leaves it; null: none",
         factory=lambda: [0.5, 2.0])
     importance_sampling_cap: float | None = _f(2.0, "cap of the importance weights against the sampler's log-probs; "
-                                                    "null: none")
+                                                    "null: no weights (uncorrected)")
     # optimisation
     learning_rate: float = _f(1e-5, "AdamW learning rate")
     weight_decay: float = _f(0.0, "AdamW weight decay")
@@ -113,6 +115,8 @@ class GRPOConfig:
             self.generation_batch_size = max(1, 64 // self.num_generations) * self.num_generations
         checks = [
             (self.max_steps >= 1, "max_steps must be >= 1"),
+            (self.max_generated_tokens is None or self.max_generated_tokens >= 1, "max_generated_tokens must be >= 1"),
+            (self.max_train_seconds is None or self.max_train_seconds > 0, "max_train_seconds must be > 0"),
             (self.prompts_per_step >= 1, "prompts_per_step must be >= 1"),
             (self.num_generations >= 1, "num_generations must be >= 1"),
             (self.max_completion_length >= 1, "max_completion_length must be >= 1"),

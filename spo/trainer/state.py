@@ -67,7 +67,8 @@ class CheckpointingMixin:
         acc.wait_for_everyone()
         final = None
         if acc.is_main_process:
-            state = {"step": self.step, "tokens_generated": self.tokens_generated, "data_epoch": self.data_epoch,
+            state = {"step": self.step, "tokens_generated": self.tokens_generated, "train_seconds": self.train_seconds,
+                     "data_epoch": self.data_epoch,
                      "data_position": self.data_position, "optimizer": optimizer,
                      "scheduler": learner.scheduler.state_dict(), "algorithm": self.algorithm,
                      "world_size": acc.num_processes}
@@ -97,6 +98,7 @@ class CheckpointingMixin:
         self.learner.scheduler.load_state_dict(state["scheduler"])
         self.step, self.data_epoch, self.data_position = state["step"], state["data_epoch"], state["data_position"]
         self.tokens_generated = state["tokens_generated"]
+        self.train_seconds = state.get("train_seconds", 0.0)  # checkpoints from before the time budget lack it
         rank = ckpt.load_state(path, ckpt.rank_state_name(self.accelerator.process_index))
         if self.buffer is not None and rank.get("buffer") is not None:
             buffer_state = dict(rank["buffer"])

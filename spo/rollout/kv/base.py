@@ -29,15 +29,15 @@ NEG_INF = float("-inf")
 POS_INF = float("inf")
 
 
-def resolve_budget(budget: int | float | None, length: int) -> int | None:
+def resolve_budget(budget: int | float | None, length: int, kept: int = 0) -> int | None:
     """Token budget from ``kv_budget``: None means no limit; an int (or an integral float > 1) is a number of
-    tokens; a float in (0, 1] is a fraction of ``length``, rounded up: ``ceil(budget * length)``."""
+    tokens; a float in (0, 1] is ``kept`` tokens plus that fraction of ``length``, rounded up."""
     if budget is None:
         return None
     if isinstance(budget, bool) or not isinstance(budget, (int, float)):
         raise TypeError(f"kv_budget must be an int (tokens) or a float fraction in (0, 1], got {budget!r}")
     if isinstance(budget, float) and 0.0 < budget <= 1.0:
-        return max(1, math.ceil(budget * length))
+        return max(1, kept + math.ceil(budget * length))
     if budget >= 1 and float(budget).is_integer():
         return int(budget)
     raise ValueError(f"kv_budget must be a positive number of tokens or a fraction in (0, 1], got {budget!r}")
@@ -141,14 +141,18 @@ class KVPolicy:
 
     # --- sizes ---------------------------------------------------------------------------------------------------
 
-    def budget_tokens(self, prompt_len: int, max_new_tokens: int, rollout_len: int | None = None) -> int | None:
-        """The budget in tokens for a call whose longest prompt has ``prompt_len`` tokens. ``rollout_len``: the
-        longest whole rollout (prompt + every completion token) when the call continues partial completions; a
-        decode policy then keeps what it keeps for that rollout, so a continuation is sampled by the same
-        policy as the rollout it extends, not by one squeezed into the continuation's own, shorter length."""
+    def budget_tokens(self, prefill_len: int, max_new_tokens: int, rollout: tuple[int, int] | None = None
+                      ) -> int | None:
+        """The budget in tokens for a call that encodes prefixes of up to ``prefill_len`` tokens and adds up to
+        ``max_new_tokens``. A fraction of a prompt policy's budget is a fraction of the prefix. A decoding
+        policy's fraction is of the completion, on top of the prompt: reasoning prompts are short and the cache
+        grows while decoding, and a budget below the prompt would drop part of the question before the first
+        token. ``rollout``: (longest prompt, whole completion limit) when the call continues partial completions,
+        so a continuation is sampled with the cache its rollout had, not one squeezed into its own length."""
         if self.phase == "prompt":
-            return resolve_budget(self.budget, prompt_len)
-        return resolve_budget(self.budget, max(prompt_len + max_new_tokens, rollout_len or 0))
+            return resolve_budget(self.budget, prefill_len)
+        prompt_len, completion_len = rollout or (prefill_len, max_new_tokens)
+        return resolve_budget(self.budget, completion_len, kept=prompt_len)
 
     def decode_budget(self, budget: int | None) -> int | None:
         """Most tokens a row may hold while decoding (None: unbounded)."""
