@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rewards import compute_rewards, get_reward
-from rewards.text import completion_text, extract_final_number, last_boxed
+from rewards.text import extract_final_number, last_boxed
 
 from .config import ConfigError
 from .data import check_limit, guess_preset, load_problems, tokenize_prompts

@@ -1,7 +1,6 @@
 """The rollout generator: equivalence with Hugging Face generate and with teacher forcing, forking, row dropping,
 stop handling, sampling, and argument errors. Tiny random models, plus the embedded model where it matters."""
 
-import math
 
 import pytest
 import torch
