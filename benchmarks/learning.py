@@ -145,7 +145,8 @@ def table(results: list[dict]) -> str:
     for name in dict.fromkeys(r["variant"] for r in results):
         runs = [r for r in results if r["variant"] == name]
         mean, error = mean_and_error([r["accuracy"] for r in runs])
-        lines.append(f"| {name} | {mean:.3f} ± {error:.3f} | {len(runs)} | "
+        error_text = "-" if math.isnan(error) else f"{error:.3f}"  # one seed has no standard error
+        lines.append(f"| {name} | {mean:.3f} ± {error_text} | {len(runs)} | "
                      f"{statistics.mean(r['tokens'] for r in runs):,.0f} | "
                      f"{statistics.mean(r['steps'] for r in runs):.1f} | "
                      f"{statistics.mean(r['train_seconds'] for r in runs):.0f} |")

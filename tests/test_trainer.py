@@ -373,6 +373,21 @@ def test_each_step_is_logged_once_with_the_completions_asked_for(tmp_path, task,
     assert "step 1/2" not in capsys.readouterr().err  # logging is configured: not printed a second time
 
 
+def test_a_step_without_an_update_says_so_instead_of_a_nan_loss(tmp_path, task, embedded_tokenizer, caplog):
+    """Every SPO-tree leaf rewarded alike: no edge has an advantage, nothing is trained, and the step line says
+    that rather than printing a NaN loss."""
+    import logging
+
+    args = SPOTreeConfig(**_common(tmp_path, branching=[2, 2], segment_length=4, max_steps=1, num_generations=1,
+                                     use_sample_buffer=False))
+    trainer = SPOTreeTrainer(model=tiny_model(seed=3), reward_funcs=[lambda completions, **_: [1.0] * len(completions)],
+                             args=args, train_dataset=task, processing_class=embedded_tokenizer)
+    with caplog.at_level(logging.INFO, logger="spo"):
+        trainer.train()
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("step 1/1"))
+    assert "no update (nothing to train on)" in line and "nan" not in line
+
+
 def test_python_api_without_logging_set_up_shows_steps_and_a_bar(tmp_path, task, embedded_tokenizer, capsys,
                                                                  monkeypatch):
     import logging

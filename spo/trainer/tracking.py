@@ -157,8 +157,10 @@ class TrackingMixin:
                 self.metrics_log.write_completions(self.step, completions)
                 self._log_completions_table(completions)
             self.metrics_log.plot()
-            announce("step %d/%d reward %.3f loss %.4f %.1f s/step %.0f tokens/s" % (
-                self.step, self.args.max_steps, metrics.get("reward", float("nan")), metrics.get("loss", float("nan")),
+            loss = metrics.get("loss", math.nan)
+            loss = "no update (nothing to train on)" if math.isnan(loss) else "loss %.4f" % loss
+            announce("step %d/%d reward %.3f %s %.1f s/step %.0f tokens/s" % (
+                self.step, self.args.max_steps, metrics.get("reward", float("nan")), loss,
                 metrics.get("timing/step", float("nan")), metrics.get("perf/tokens_per_second", float("nan"))))
             for row in getattr(self, "_completions", [])[:self.args.num_completions_to_print]:
                 announce(f"  reward {row['reward']:.3f}  ...{row['prompt'][-60:]!r} -> {row['completion']!r}")
