@@ -26,8 +26,8 @@ class GRPOConfig:
     seed: int = _f(0, "random seed (rollouts, data order, adapter initialisation)")
     max_steps: int = _f(100, "RL iterations: generate -> score -> update")
     max_generated_tokens: int | None = _f(None, "stop earlier once this many tokens were sampled (all processes)")
-    max_train_seconds: float | None = _f(None, "stop earlier once the training steps (rollouts and updates, not "
-                                               "evaluations or checkpoints) have taken this many seconds")
+    max_train_seconds: float | None = _f(None, "stop earlier once the training steps (rollouts and updates) took "
+                                               "this many seconds")
     # generation
     prompts_per_step: int = _f(8, "prompts per step over all processes; each process takes an equal share")
     num_generations: int = _f(8, "completions sampled per prompt (the group)")
@@ -43,7 +43,8 @@ class GRPOConfig:
     generation_batch_size: int | None = _f(None, "rows decoded at once, a multiple of num_generations; null: 64 "
                                                  "rounded down to one")
     kv_policy: str = _f("full", "rollout KV cache policy: full, streaming, h2o, snapkv, windowkv or lazy")
-    kv_budget: float | None = _f(None, "KV cache budget: tokens (>= 1) or a fraction (<= 1): of the prompt for snapkv/windowkv, for decoding policies the prompt plus that fraction of max_completion_length")
+    kv_budget: float | None = _f(None, "KV budget: tokens (>= 1) or a fraction (of the prompt: snapkv, windowkv; "
+                                       "else prompt + that of the completion)")
     kv_kwargs: dict = _f(help="further options of the KV cache policy", factory=dict)
     rollout_dtype: str | None = _f(None, "sample from a merged copy of the policy in this dtype (bfloat16, float16, "
                                          "float32); null: the policy")
