@@ -38,8 +38,8 @@ logger = logging.getLogger(__name__)
 TRAINER_METRICS = ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "completions/max_length",
                    "completions/clipped_ratio", "kv/peak_kv_bytes", "kv/full_kv_bytes", "kv/peak_fraction",
                    "rewards/skipped", "tokens/step", "tokens/generated_total", "timing/rollout", "timing/update",
-                   "timing/step", "timing/train_total", "learning_rate", "perf/peak_memory_gib", "spo/mean_abs_advantage",
-                   "ssb/effective_fraction_before", "ssb/size", "ssb/reinjected", "ssb/mean_age",
+                   "timing/step", "timing/train_total", "learning_rate", "perf/peak_memory_gib",
+                   "spo/mean_abs_advantage", "ssb/effective_fraction_before", "ssb/size", "ssb/reinjected", "ssb/mean_age",
                    "ssb/effective_fraction_after", "eval/accuracy", "eval/problems")
 
 
@@ -217,8 +217,8 @@ class RLTrainer(CheckpointingMixin, TrackingMixin):
     # --- the loop --------------------------------------------------------------------------------------------------
 
     def train(self):
-        """Train to ``max_steps`` (or the token or time budget); returns the logged metrics (main process). The process
-        group stays up, so ``evaluate()`` still works afterwards under several processes; ``close()`` ends it."""
+        """Train to ``max_steps`` (or the token or time budget); returns the logged metrics (main process). The
+        process group stays up, so ``evaluate()`` still works afterwards under several processes; ``close()`` ends it."""
         args = self.args
         if args.resume_from_checkpoint:
             self.resume(args.resume_from_checkpoint)
@@ -247,7 +247,8 @@ class RLTrainer(CheckpointingMixin, TrackingMixin):
         return self.metrics_log.history() if self.accelerator.is_main_process else []
 
     def _train_steps(self, bar) -> None:
-        """From ``self.step`` to ``max_steps`` (or the token or time budget); ``bar`` shows each step's reward and speed."""
+        """From ``self.step`` to ``max_steps`` (or the token or time budget); ``bar`` shows each step's reward and
+        speed."""
         args = self.args
         for step in range(self.step, args.max_steps):
             if self.interrupt_requested:  # a Ctrl-C whose KeyboardInterrupt was swallowed (raised inside a __del__)
