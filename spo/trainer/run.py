@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import signal
+import sys
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -264,10 +265,17 @@ def train_from_recipe(path: str, overrides: list[str] | None = None) -> int:
             trainer.interrupt_requested = True
         raise KeyboardInterrupt
 
+    def on_unraisable(unraisable):
+        # that dropped KeyboardInterrupt is handled by the flag: its "Exception ignored ... Traceback" is noise
+        if not issubclass(unraisable.exc_type, KeyboardInterrupt):
+            previous_hook(unraisable)
+
     installed = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGINT)
+    previous_hook = sys.unraisablehook
     if installed:
         signal.signal(signal.SIGINT, on_sigint)
+        sys.unraisablehook = on_unraisable
     try:
         recipe = load_recipe(path, overrides)
         trainer = build_trainer(recipe)
@@ -282,6 +290,7 @@ def train_from_recipe(path: str, overrides: list[str] | None = None) -> int:
     finally:
         if installed and previous is not None:
             signal.signal(signal.SIGINT, previous)
+        sys.unraisablehook = previous_hook
 
 
 def _train_and_evaluate(recipe: Recipe, trainer) -> int:
