@@ -21,7 +21,7 @@ import threading
 import time
 from collections import Counter, deque
 
-from .text import completion_text
+from .text import completion_text, stated_answer
 
 logger = logging.getLogger(__name__)
 
@@ -288,13 +288,29 @@ def set_default_checker(checker: MathChecker) -> MathChecker | None:
     return previous
 
 
-def math_accuracy(prompts=None, completions=None, completion_ids=None, answer=None, **columns) -> list[float]:
+def math_accuracy(prompts=None, completions=None, completion_ids=None, answer=None, truncated=None,
+                  **columns) -> list[float]:
     """1.0 when math-verify finds the completion's answer equivalent to the reference ``answer`` (LaTeX, fractions,
     intervals, ...). An answer whose check times out or crashes its worker scores 0.0 (with a warning naming it,
-    counted in ``default_checker().stats``); the rest of the batch is still checked."""
+    counted in ``default_checker().stats``); the rest of the batch is still checked.
+
+    A completion cut at the length limit (``truncated``) scores only an answer it states (``\\boxed{}``, ``####``,
+    "answer is"): math-verify would otherwise take the last expression, which is wherever the cut fell."""
     if answer is None:
         raise KeyError("needs the data set column 'answer' (the reference answer)")
     if len(answer) != len(completions):
         raise ValueError(f"got {len(completions)} completions but {len(answer)} answers")
-    results = default_checker().check_many([(str(a), completion_text(c)) for c, a in zip(completions, answer)])
-    return [float(bool(result)) for result in results]
+    cut = [False] * len(completions) if truncated is None else truncated
+    predictions = [completion_text(c) for c in completions]
+    predictions = [_stated_only(p) if t else p for p, t in zip(predictions, cut)]
+    checked = [i for i, p in enumerate(predictions) if p is not None]
+    results = default_checker().check_many([(str(answer[i]), predictions[i]) for i in checked])
+    scores = [0.0] * len(completions)
+    for i, result in zip(checked, results):
+        scores[i] = float(bool(result))
+    return scores
+
+
+def _stated_only(text: str) -> str | None:
+    stated = stated_answer(text)
+    return None if stated is None else f"$\\boxed{{{stated}}}$"

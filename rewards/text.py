@@ -44,6 +44,22 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
+_STATED = re.compile(r"(?:####|answer\s*(?:is|:))\s*:?\s*([^\n]+?)\s*(?:\.\s|\.?$)", re.IGNORECASE | re.MULTILINE)
+
+
+def stated_answer(text: str) -> str | None:
+    """The answer a solution states, as text: the last ``\\boxed{}``, else what follows the last ``####`` or
+    "answer is" up to the end of its sentence or line; None when it states none."""
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed
+    matches = _STATED.findall(text)
+    if not matches:
+        return None
+    stated = matches[-1].strip("*$ ")
+    return stated or None
+
+
 def parse_number(text: str | None) -> Decimal | None:
     """A number written with optional ``$``, thousands separators, trailing ``.0`` or units ("1,200 dollars"),
     or None when there is none."""

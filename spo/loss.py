@@ -42,6 +42,13 @@ def within_band(ratios: torch.Tensor, low: float, high: float) -> torch.Tensor:
     return (ratios >= low) & (ratios <= high)
 
 
+def threshold_flips(logp: torch.Tensor, behaviour_logp: torch.Tensor, tokens: torch.Tensor, threshold: float) -> float:
+    """Share of ``tokens`` whose probability lies on the other side of ``threshold`` under the learner than under the
+    sampler: how often cutpoints and the probability mask, taken from the sampler, differ from the learner's."""
+    flips = (logp.exp() < threshold) != (behaviour_logp.exp() < threshold)
+    return flips[tokens].float().mean().item() if bool(tokens.any()) else 0.0
+
+
 @dataclass
 class LossOutput:
     loss: torch.Tensor  # this micro-batch's share of the step's loss (differentiable)

@@ -156,3 +156,13 @@ def test_sequence_ratios_and_the_rejection_band():
     ratios = sequence_ratios(learner, behaviour, tokens)
     assert ratios.tolist() == pytest.approx([1.0, 0.2, 2.0])  # geometric means over each sequence's own tokens
     assert within_band(ratios, 0.5, 2.0).tolist() == [True, False, True]
+
+
+def test_threshold_flips_count_tokens_the_learner_puts_on_the_other_side_of_the_mask_threshold():
+    from spo.loss import threshold_flips
+
+    sampler = torch.log(torch.tensor([[0.85, 0.95, 0.5, 0.99], [0.95, 0.2, 0.95, 0.3]]))
+    learner = torch.log(torch.tensor([[0.92, 0.95, 0.6, 0.80], [0.95, 0.2, 0.80, 0.3]]))
+    tokens = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]).bool()  # the last token of row 0 is padding
+    assert threshold_flips(learner, sampler, tokens, 0.9) == pytest.approx(2 / 7)
+    assert threshold_flips(learner, sampler, torch.zeros_like(tokens), 0.9) == 0.0

@@ -97,6 +97,24 @@ def test_math_reward_latex_equivalence():
                          answer=["\\frac12", "\\frac{1}{2}", "\\frac{1}{2}"]) == [1.0, 1.0, 0.0]
 
 
+def test_a_cut_off_math_completion_scores_only_an_answer_it_states():
+    texts = ["so the total is $\\frac{1}{2}$ and then we add", "so the answer is \\frac{1}{2}. Next",
+             "so we get $\\boxed{\\frac{1}{2}}$, and", "so the total is $\\frac{1}{2}$ and then we add"]
+    answers = ["\\frac{1}{2}"] * 4
+    # the first is paid for its last expression only when it ended on its own
+    assert math_accuracy(completions=texts, answer=answers, truncated=[True, True, True, False]) == [0.0, 1.0, 1.0, 1.0]
+    assert math_accuracy(completions=texts[:1], answer=answers[:1]) == [1.0]  # no truncation column: as before
+
+
+def test_stated_answer_reads_boxed_hash_and_answer_is():
+    from rewards.text import stated_answer
+
+    assert stated_answer("x \\boxed{3} then The answer is 4") == "3"
+    assert stated_answer("so #### 72\nmore") == "72"
+    assert stated_answer("The answer is: **\\frac{3}{4}**.") == "\\frac{3}{4}"
+    assert stated_answer("we have 5 and 6") is None
+
+
 def test_math_checker_times_out_off_the_main_thread_and_recovers():
     checker = MathChecker(timeout=2.0, workers=1)
     # a huge power tower: math-verify's own time limit (SIGALRM, only on a main thread) stops it after 5 s

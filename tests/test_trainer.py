@@ -360,6 +360,29 @@ def test_group_prompt_value_bases_segments_on_the_group_mean(tmp_path, task, emb
     assert len(samples) == 3  # NaN reward: no sample
 
 
+def test_a_zero_state_cap_values_nothing_and_leaves_each_rollout_its_group_advantage(tmp_path, task,
+                                                                                      embedded_tokenizer, monkeypatch):
+    """``max_mc_states_per_step: 0`` (the "no Monte Carlo" ablation): no continuation is sampled and every rollout's
+    tokens carry R - mean(group). Without group_prompt_value there would be no base value, so it is refused."""
+    from spo.rollout import Rollout
+
+    with pytest.raises(ValueError, match="max_mc_states_per_step: 0 .* group_prompt_value"):
+        SPOChainConfig(**_common(tmp_path, max_mc_states_per_step=0))
+    args = SPOChainConfig(**_common(tmp_path, max_steps=1, group_prompt_value=True, max_mc_states_per_step=0,
+                                    use_sample_buffer=False))
+    trainer = SPOChainTrainer(model=tiny_model(seed=0), reward_funcs=[vowel_share], args=args, train_dataset=task,
+                              processing_class=embedded_tokenizer)
+    rollouts = [Rollout([5, 6], tokens, "text", "stop", torch.full((len(tokens),), -1.0), group)
+                for tokens, group in (([7, 8, 9, 10], 0), ([7, 8, 11], 0), ([13, 14, 15], 1), ([16, 17], 1))]
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.0])
+    monkeypatch.setattr(trainer, "generate_groups", lambda rows, step: (rollouts, rewards))
+    monkeypatch.setattr(trainer.generator, "continue_from", lambda *a, **k: pytest.fail("sampled a continuation"))
+    trainer._metrics = {}
+    samples = trainer.make_samples([0, 1], step=0)
+
+    assert [s.advantages.tolist() for s in samples] == [[0.5] * 4, [-0.5] * 3, [0.25] * 3, [-0.25] * 2]
+
+
 def test_each_step_is_logged_once_with_the_completions_asked_for(tmp_path, task, embedded_tokenizer, caplog, capsys):
     import logging
 

@@ -217,7 +217,8 @@ class SPOChainConfig(GRPOConfig):
     partition: Literal["cutpoint", "fixed", "newline"] = _f(
         "cutpoint", "segment boundaries: cutpoint (low-probability tokens), fixed (equal parts) or newline")
     num_fixed_segments: int = _f(4, "segments per completion with partition fixed")
-    max_mc_states_per_step: int | None = _f(None, "cap on distinct states valued per step (per process); null: none")
+    max_mc_states_per_step: int | None = _f(
+        None, "cap on distinct states valued per step (per process); null: none; 0 (group_prompt_value): no Monte Carlo")
     mc_share_prefixes: bool = _f(True, "encode each state once and fork its cache K ways (false: re-encode K times)")
     # the bare prompt is every rollout's first boundary, valued by the mean reward of its group's rollouts (a
     # Monte Carlo value with K = num_generations that costs no extra sampling); False: docs/ALGORITHMS.md 2.3 as
@@ -233,8 +234,11 @@ class SPOChainConfig(GRPOConfig):
             raise ValueError("mc_samples must be >= 1")
         if self.cutpoint_interval < 1:
             raise ValueError("cutpoint_interval must be >= 1")
-        if self.max_mc_states_per_step is not None and self.max_mc_states_per_step < 1:
-            raise ValueError("max_mc_states_per_step must be >= 1")
+        if self.max_mc_states_per_step is not None and self.max_mc_states_per_step < 0:
+            raise ValueError("max_mc_states_per_step must be >= 0 (or null for no cap)")
+        if self.max_mc_states_per_step == 0 and not self.group_prompt_value:
+            raise ValueError("max_mc_states_per_step: 0 values no state, which leaves every rollout without a base "
+                             "value; it needs group_prompt_value: true (each rollout then gets R - mean(group))")
 
 
 @dataclass

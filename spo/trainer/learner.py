@@ -22,7 +22,7 @@ import torch
 from accelerate.utils import DistributedType
 
 from ..errors import ConfigError
-from ..loss import policy_loss, sequence_ratios, within_band
+from ..loss import policy_loss, sequence_ratios, threshold_flips, within_band
 from .distributed import shards_weights
 from .logprobs import batch_logprobs, packing_unsupported, unwrapped_model
 from .packing import PackedBatch, pack
@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 LEARNER_METRICS = ("loss", "kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "grad_norm",
                    "is/logprob_gap", "is/weight_mean", "is/ratio_mean", "is/rejected_fraction", "is/mismatch_kl",
+                   "is/threshold_flip_fraction",
                    "spo/masked_token_fraction", "train/idle_rows_skipped",
                    "train/padding_micro_batches", "train/shared_token_fraction", "train/forward_tokens")
 
@@ -329,7 +330,10 @@ class Learner:
                   "is/logprob_gap": gap.abs().mean().item() if gap.numel() else 0.0,
                   # KL(sampler || learner) estimated on the sampled tokens
                   "is/mismatch_kl": gap.mean().item() if gap.numel() else 0.0,
-                  "is/ratio_mean": ratios.mean().item(), "is/rejected_fraction": 1.0 - keep.float().mean().item()}
+                  "is/ratio_mean": ratios.mean().item(), "is/rejected_fraction": 1.0 - keep.float().mean().item(),
+                  # cutpoints and the probability mask come from the sampler's probabilities: the share of tokens
+                  # the learner would put on the other side of the threshold
+                  "is/threshold_flip_fraction": threshold_flips(old, behaviour, real, args.probability_threshold)}
         if weights is not None:
             logged["is/weight_mean"] = weights[real].mean().item()
         return out, logged

@@ -5,7 +5,9 @@ the mean reward of K continuations sampled from it (identical states are valued 
 encoded once and forked K times by the generator), and give every token of a segment that segment's advantage
 ``V(end) - V(start)`` (the last segment ends at the rollout's own reward). With ``group_prompt_value`` the bare
 prompt is the first boundary of every rollout, valued by its group's mean reward, so the segment advantages of a
-rollout add up to its GRPO-style advantage ``R - mean(group)`` and refine it.
+rollout add up to its GRPO-style advantage ``R - mean(group)`` and refine it. The probability mask then drops the
+first segment (all its tokens are above the threshold), so the group value trains only a rollout whose first token
+is a cutpoint or whose cutpoints the state cap removed (``max_mc_states_per_step: 0`` removes them all).
 """
 
 from __future__ import annotations
