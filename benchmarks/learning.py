@@ -49,6 +49,7 @@ def _lora(rank: int) -> dict:
 VARIANTS: dict[str, tuple[str, dict, dict | None]] = {
     "spo_chain": ("spo_chain", {}, None),  # the quickstart recipe as shipped
     "spo_chain_no_mask": ("spo_chain", {"probability_mask": False}, None),
+    "spo_chain_no_mc": ("spo_chain", {"max_mc_states_per_step": 0}, None),  # the group-valued prompt only
     "spo_tree": ("spo_tree", {"branching": [4, 2, 2], "segment_length": 24}, None),
     "grpo": ("grpo", {"probability_mask": False}, None),
     "rloo": ("rloo", {"probability_mask": False}, None),
