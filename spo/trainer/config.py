@@ -218,7 +218,7 @@ class SPOChainConfig(GRPOConfig):
         "cutpoint", "segment boundaries: cutpoint (low-probability tokens), fixed (equal parts) or newline")
     num_fixed_segments: int = _f(4, "segments per completion with partition fixed")
     max_mc_states_per_step: int | None = _f(
-        None, "cap on distinct states valued per step (per process); null: none; 0 (group_prompt_value): no Monte Carlo")
+        None, "cap on distinct states valued per step (per process); null: none; 0 (group_prompt_value): none valued")
     mc_share_prefixes: bool = _f(True, "encode each state once and fork its cache K ways (false: re-encode K times)")
     # the bare prompt is every rollout's first boundary, valued by the mean reward of its group's rollouts (a
     # Monte Carlo value with K = num_generations that costs no extra sampling); False: docs/ALGORITHMS.md 2.3 as
