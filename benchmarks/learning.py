@@ -1,7 +1,8 @@
 """Learning comparisons at an equal budget, over seeds, on a built-in task.
 
-Every variant starts from the quickstart recipe (embedded model, MoS adapters, SPO-chain, LazyEviction 50% with
-the importance correction, sample buffer, bf16 rollouts) and changes one thing. Each run trains until it has
+Every variant starts from the shipped quickstart recipe of its algorithm (``recipes/quickstart.yaml`` for
+SPO-chain, ``quickstart_spo_tree.yaml``, ``quickstart_grpo.yaml`` for GRPO, RLOO and Dr.GRPO: embedded model, MoS
+adapters, LazyEviction 50% with the importance correction, bf16 rollouts) and changes at most one thing. Each run trains until it has
 sampled ``--token-budget`` tokens (rollouts and Monte Carlo continuations alike) or spent ``--seconds-budget``
 seconds in training steps (rollouts and updates; evaluations and checkpoints do not count), then is evaluated
 greedily on the same held-out problems as every other run. Writes a Markdown table (held-out accuracy: mean and
@@ -45,15 +46,19 @@ def _lora(rank: int) -> dict:
     return {"type": "lora", "r": rank, "lora_alpha": 2 * rank, "target_modules": PROJECTIONS}
 
 
-# variant -> (algorithm, overrides of the recipe's train section, its peft section or None for the recipe's)
+# the shipped quickstart recipe of each algorithm: the same task, model, adapter and step budget, its own settings
+ALGORITHM_RECIPES = {"spo_chain": "quickstart.yaml", "spo_tree": "quickstart_spo_tree.yaml",
+                     "grpo": "quickstart_grpo.yaml", "rloo": "quickstart_grpo.yaml", "dr_grpo": "quickstart_grpo.yaml"}
+
+# variant -> (algorithm, overrides of its recipe's train section, its peft section or None for the recipe's)
 VARIANTS: dict[str, tuple[str, dict, dict | None]] = {
     "spo_chain": ("spo_chain", {}, None),  # the quickstart recipe as shipped
     "spo_chain_no_mask": ("spo_chain", {"probability_mask": False}, None),
     "spo_chain_no_mc": ("spo_chain", {"max_mc_states_per_step": 0}, None),  # the group-valued prompt only
-    "spo_tree": ("spo_tree", {"branching": [4, 2, 2], "segment_length": 24}, None),
-    "grpo": ("grpo", {"probability_mask": False}, None),
-    "rloo": ("rloo", {"probability_mask": False}, None),
-    "dr_grpo": ("dr_grpo", {"probability_mask": False}, None),
+    "spo_tree": ("spo_tree", {}, None),
+    "grpo": ("grpo", {}, None),
+    "rloo": ("rloo", {}, None),
+    "dr_grpo": ("dr_grpo", {}, None),
     "full_cache": ("spo_chain", {"kv_policy": "full", "kv_budget": None}, None),
     "lazy_50_uncorrected": ("spo_chain", {"importance_sampling_sequence_band": None,
                                           "importance_sampling_cap": None}, None),
@@ -64,7 +69,6 @@ VARIANTS: dict[str, tuple[str, dict, dict | None]] = {
     "mos_r1": ("spo_chain", {}, _mos(1)),  # LoRA r1's parameters: 1/8 of LoRA r8's
     "mos_r8": ("spo_chain", {}, _mos(8)),  # LoRA r8's parameters; mos_r2 is spo_chain itself
 }
-SPO_ONLY_KEYS = ("mc_samples", "cutpoint_interval", "max_mc_states_per_step", "group_prompt_value")
 
 # task -> changes to the recipe: data sets, reward and lengths (the ledger's worked answers run 150-300 tokens)
 TASKS: dict[str, dict] = {
@@ -81,23 +85,21 @@ def run_name(variant: str, learning_rate: float | None) -> str:
 def variant_recipe(name: str, seed: int, out: Path, eval_limit: int, *, task: str = "arithmetic",
                    token_budget: int | None = None, seconds_budget: float | None = None,
                    learning_rate: float | None = None):
-    """The quickstart recipe on ``task`` with variant ``name``'s changes, ending at the token or time budget."""
+    """The quickstart recipe of variant ``name``'s algorithm on ``task`` with its changes, ending at the token or
+    time budget."""
     from spo.config import load_config
     from spo.trainer.run import Recipe
 
     if (token_budget is None) == (seconds_budget is None):
         raise ValueError("give exactly one of token_budget and seconds_budget")
     algorithm, train_overrides, peft = VARIANTS[name]
-    recipe = load_config(Recipe, ROOT / "recipes" / "quickstart.yaml")
+    recipe = load_config(Recipe, ROOT / "recipes" / ALGORITHM_RECIPES[algorithm])
     recipe.algorithm = algorithm
     changes = TASKS[task]
     if "source" in changes:
         recipe.dataset.source = recipe.eval_dataset.source = changes["source"]
     recipe.reward_funcs = changes.get("reward_funcs", recipe.reward_funcs)
     train = dict(recipe.train) | changes.get("train", {})
-    if algorithm != "spo_chain":
-        for key in SPO_ONLY_KEYS:
-            train.pop(key, None)
     # a budget ends the run, so the step count is not known in advance: a constant learning rate (a "linear"
     # decay over a placeholder max_steps would be constant in all but name)
     train.update(train_overrides, seed=seed, max_steps=10_000, lr_scheduler_type="constant",

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from spo.models import EMBEDDED_MODEL, load_tokenizer, tiny_model
-from spo.trainer.run import trainer_config
+from spo.config import load_config
+from spo.trainer.run import Recipe, trainer_config
 from spo.trainer.samples import train_batch
 
 from test_learner import learner_for, make_samples
@@ -75,6 +76,12 @@ def test_learning_benchmark_variants_are_valid_recipes_with_a_constant_learning_
             assert config.lr_scheduler_type == "constant", name
             assert config.max_generated_tokens == 5000 and config.max_train_seconds is None and config.seed == 1
             assert recipe.eval_dataset.source.endswith(task) and recipe.eval_dataset.seed == 0, (task, name)
+    for name, shipped in (("spo_tree", "quickstart_spo_tree.yaml"), ("rloo", "quickstart_grpo.yaml")):
+        recipe = learning.variant_recipe(name, seed=1, out=tmp_path, eval_limit=10, token_budget=5000)
+        settings = load_config(Recipe, ROOT / "recipes" / shipped).train  # each algorithm keeps its own
+        budget_keys = {"max_steps", "lr_scheduler_type", "save_steps", "output_dir", "report_to", "seed"}
+        assert {k: v for k, v in settings.items() if k not in budget_keys} == \
+            {k: recipe.train[k] for k in settings if k not in budget_keys}, name
     timed = learning.variant_recipe("lora_r1", seed=0, out=tmp_path, eval_limit=10, seconds_budget=60.0,
                                     learning_rate=5e-4)
     config = trainer_config(timed)
