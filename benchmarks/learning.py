@@ -16,15 +16,25 @@ one standard error wide) against tokens or seconds.
 It resumes by itself: a finished run (in OUT/results.json) is not run again, and an interrupted one continues
 from its last checkpoint, so a long sweep can be stopped and restarted across sessions. A results file written
 for another task or budget is refused rather than mixed in. Time budgets need an otherwise idle machine.
+
+``--jobs N`` runs N runs at once, each worker in its own process: on CPU the cores are split among them, on
+several GPUs each worker gets one (round robin), on one GPU they share it (the embedded model is small). Workers
+take disjoint runs and add their results to the same OUT/results.json under a file lock. Training times are then
+only comparable between runs made with the same number of jobs.
+
+    python benchmarks/learning.py --jobs 2 --token-budget 40000 --variants spo_chain spo_tree grpo rloo dr_grpo
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -204,6 +214,48 @@ def load_results(saved: Path, setting: dict) -> list[dict]:
     return data["runs"]
 
 
+def record_run(saved: Path, setting: dict, result: dict) -> list[dict]:
+    """Add ``result`` to ``saved`` atomically, under a lock so that concurrent workers lose none of each other's
+    runs; returns every run recorded so far."""
+    with open(saved.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = load_results(saved, setting) + [result]
+        staging = saved.with_suffix(".tmp")
+        staging.write_text(json.dumps({"setting": setting, "runs": results}, indent=2))
+        staging.replace(saved)
+    return results
+
+
+def worker_share(plan: list, worker: str | None) -> list:
+    """Worker "K/N"'s runs of ``plan``: every N-th from the K-th, so that workers never take the same run."""
+    if worker is None:
+        return plan
+    index, count = (int(part) for part in worker.split("/"))
+    return plan[index::count]
+
+
+def worker_environment(index: int, jobs: int, cpu_count: int, gpu_count: int) -> dict[str, str]:
+    """Environment of worker ``index`` of ``jobs``: its share of the CPU threads, and its own GPU where there are
+    several (an explicit OMP_NUM_THREADS or CUDA_VISIBLE_DEVICES is kept)."""
+    environment = {"OMP_NUM_THREADS": str(max(1, cpu_count // jobs))}
+    if gpu_count > 1:
+        environment["CUDA_VISIBLE_DEVICES"] = str(index % gpu_count)
+    return {key: value for key, value in environment.items() if key not in os.environ}
+
+
+def run_workers(jobs: int) -> None:
+    """Run this command as ``jobs`` worker processes and wait for all of them."""
+    import torch
+
+    gpu_count = torch.cuda.device_count()
+    workers = [subprocess.Popen([sys.executable, *sys.argv, "--worker", f"{index}/{jobs}"],
+                                env=os.environ | worker_environment(index, jobs, os.cpu_count() or 1, gpu_count))
+               for index in range(jobs)]
+    failed = [f"{index}/{jobs}" for index, worker in enumerate(workers) if worker.wait() != 0]
+    if failed:
+        raise SystemExit(f"worker(s) {', '.join(failed)} failed (their output is above); rerun to resume")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -216,7 +268,11 @@ def main() -> None:
                         help="run every variant at each of these learning rates (a sweep); default: the recipe's")
     parser.add_argument("--eval-limit", type=int, default=200)
     parser.add_argument("--out", default="outputs/learning")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own worker process")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # "K/N", set by --jobs for its workers
     options = parser.parse_args()
+    if options.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {options.jobs}")
     if options.token_budget is None and options.seconds_budget is None:
         options.token_budget = 60_000
     out = Path(options.out)
@@ -224,21 +280,24 @@ def main() -> None:
     setting = {"task": options.task, "token_budget": options.token_budget,
                "seconds_budget": options.seconds_budget, "eval_limit": options.eval_limit}
     saved = out / "results.json"
+    done = {(r["variant"], r["seed"]) for r in load_results(saved, setting)}  # refuses another setting's file
+    if options.jobs > 1 and options.worker is None:
+        run_workers(options.jobs)
+    else:
+        plan = [(name, learning_rate, seed) for name in options.variants
+                for learning_rate in options.learning_rates or [None] for seed in options.seeds]
+        for name, learning_rate, seed in worker_share(plan, options.worker):
+            if (run_name(name, learning_rate), seed) in done:
+                continue
+            recipe = variant_recipe(name, seed, out, options.eval_limit, task=options.task,
+                                    token_budget=options.token_budget, seconds_budget=options.seconds_budget,
+                                    learning_rate=learning_rate)
+            result = run_variant(recipe, name, seed, learning_rate)
+            print(json.dumps({k: v for k, v in result.items() if k != "curve"}), flush=True)
+            record_run(saved, setting, result)
+        if options.worker is not None:
+            return  # the parent writes the table of every worker's runs
     results = load_results(saved, setting)
-    done = {(r["variant"], r["seed"]) for r in results}
-    for name in options.variants:
-        for learning_rate in options.learning_rates or [None]:
-            for seed in options.seeds:
-                if (run_name(name, learning_rate), seed) in done:
-                    continue
-                recipe = variant_recipe(name, seed, out, options.eval_limit, task=options.task,
-                                        token_budget=options.token_budget, seconds_budget=options.seconds_budget,
-                                        learning_rate=learning_rate)
-                results.append(run_variant(recipe, name, seed, learning_rate))
-                print(json.dumps({k: v for k, v in results[-1].items() if k != "curve"}), flush=True)
-                staging = saved.with_suffix(".tmp")
-                staging.write_text(json.dumps({"setting": setting, "runs": results}, indent=2))
-                staging.replace(saved)
     print(table(results))
     (out / "table.md").write_text(table(results) + "\n")
     plot(results, out / "curves.png", "tokens" if options.token_budget is not None else "seconds")

@@ -141,3 +141,39 @@ def test_rollout_benchmark_states_peaks_against_our_full_cache(small_generation,
     # the same peak over our full policy's peak, not over the padded dense cache's size
     assert float(lazy[ours]) == pytest.approx(float(lazy[dense]) / float(full[dense]), abs=0.02)
     assert float(lazy[dense]) < float(full[dense])
+
+
+def _record_runs(saved, setting, worker, count, start):
+    learning = load("learning")
+    start.wait()  # all workers write at once
+    for seed in range(count):
+        learning.record_run(saved, setting, {"variant": f"worker{worker}", "seed": seed})
+
+
+def test_learning_benchmark_workers_take_disjoint_runs_and_lose_none_of_each_others_results(tmp_path, monkeypatch):
+    """--jobs: every run goes to exactly one worker, and workers recording at the same time keep every result."""
+    import multiprocessing
+
+    learning = load("learning")
+    plan = [(variant, None, seed) for variant in ("grpo", "spo_chain", "rloo") for seed in range(3)]
+    shares = [learning.worker_share(plan, f"{index}/4") for index in range(4)]
+    assert sorted(run for share in shares for run in share) == sorted(plan)
+    assert learning.worker_share(plan, None) == plan
+    saved, setting = tmp_path / "results.json", {"task": "arithmetic", "token_budget": 100}
+    context = multiprocessing.get_context("spawn")
+    start = context.Barrier(3)
+    workers = [context.Process(target=_record_runs, args=(saved, setting, w, 60, start)) for w in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+        assert worker.exitcode == 0
+    runs = learning.load_results(saved, setting)
+    assert sorted((r["variant"], r["seed"]) for r in runs) == [(f"worker{w}", s) for w in range(3) for s in range(60)]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert learning.worker_environment(1, 2, cpu_count=2, gpu_count=0) == {"OMP_NUM_THREADS": "1"}
+    assert learning.worker_environment(3, 4, cpu_count=16, gpu_count=2) == {"OMP_NUM_THREADS": "4",
+                                                                            "CUDA_VISIBLE_DEVICES": "1"}
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice is kept
+    assert learning.worker_environment(0, 2, cpu_count=2, gpu_count=0) == {}

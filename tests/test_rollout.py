@@ -44,6 +44,26 @@ def test_greedy_equals_hf_generate_tiny(family):
     assert all(r.finish_reason == "length" for r in batch.rollouts)
 
 
+def test_decoding_passes_the_cache_under_the_keyword_the_installed_transformers_takes():
+    """transformers renamed forward's ``past_key_values`` to ``cache`` (the old name is deprecated, then removed):
+    the generator uses whichever the model's forward declares, also through a PEFT wrapper, and warns nothing."""
+    import inspect
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    from spo.rollout.generator import cache_keyword
+
+    model = _tiny()
+    declared = inspect.signature(type(model).forward).parameters
+    assert cache_keyword(model) == ("cache" if "cache" in declared else "past_key_values")
+    assert cache_keyword(get_peft_model(_tiny(), LoraConfig(r=2, target_modules=["q_proj"]))) == cache_keyword(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Generator(model, WordTokenizer()).generate(PROMPTS[:2], GREEDY)
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
+
+
 def test_eager_attention_honours_the_4d_mask():
     model = tiny_model("llama", seed=2, vocab_size=2048)
     model.set_attn_implementation("eager")

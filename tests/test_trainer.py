@@ -322,6 +322,27 @@ def test_bf16_autocasts_the_learner_and_trains(tmp_path, task, embedded_tokenize
     assert torch.isfinite(torch.tensor(history[-1]["loss"]))
 
 
+def test_gradient_checkpointing_recomputes_every_layer_and_trains(tmp_path, task, embedded_tokenizer):
+    """gradient_checkpointing: true checkpoints each decoder layer (non-reentrant, so adapters get gradients),
+    through the name the installed transformers does not deprecate."""
+    import warnings
+
+    from peft import LoraConfig
+
+    args = GRPOConfig(**_common(tmp_path, max_steps=1, gradient_checkpointing=True, warmup_ratio=0.0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = GRPOTrainer(model=tiny_model(seed=0), reward_funcs=[vowel_share], args=args, train_dataset=task,
+                              processing_class=embedded_tokenizer,
+                              peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    assert not [w for w in caught if "gradient_checkpointing_enable" in str(w.message)]
+    layers = trainer.unwrapped.get_base_model().model.layers
+    assert all(layer.gradient_checkpointing for layer in layers)
+    before = {n: p.detach().clone() for n, p in trainer.unwrapped.named_parameters() if p.requires_grad}
+    trainer.train()
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.unwrapped.named_parameters() if p.requires_grad)
+
+
 def test_group_prompt_value_bases_segments_on_the_group_mean(tmp_path, task, embedded_tokenizer, monkeypatch):
     """With group_prompt_value the bare prompt is every rollout's first boundary, valued by its group's mean reward
     (never by Monte Carlo), so a rollout's segment advantages telescope to R - mean(group)."""

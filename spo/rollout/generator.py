@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 from dataclasses import dataclass, field, replace
 
@@ -57,6 +58,13 @@ class _Plan:
 _SUMMED_STATS = {"prefixes", "prefill_tokens", "prefill_tokens_unshared", "tokens_generated", "rollouts", "seconds"}
 
 
+def cache_keyword(model) -> str:
+    """The forward keyword that takes the KV cache: ``cache`` in recent transformers, ``past_key_values`` before
+    (deprecated there, to be removed)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model passes it through
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+
+
 class Generator:
     """Samples completions from a Hugging Face causal LM with a compressed KV cache.
 
@@ -82,6 +90,7 @@ class Generator:
         self.kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.eos = eos_token_ids(model, tokenizer)
+        self.cache_keyword = cache_keyword(model)
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.eos[0]
 
@@ -193,8 +202,8 @@ class Generator:
             mask = torch.zeros(mask.shape, dtype=cache.k[0].dtype, device=mask.device).masked_fill_(
                 ~mask, torch.finfo(cache.k[0].dtype).min)
         cache.observed = 0
-        out = self.model(input_ids=input_ids, position_ids=positions, attention_mask=mask, past_key_values=cache,
-                         use_cache=True, logits_to_keep=1, rollout_cache=cache)
+        out = self.model(input_ids=input_ids, position_ids=positions, attention_mask=mask, use_cache=True,
+                         logits_to_keep=1, rollout_cache=cache, **{self.cache_keyword: cache})
         if self.policy.needs_attention and cache.observed != self.num_layers:
             raise RuntimeError(f"{type(self.model).__name__} did not route attention through transformers' "
                                f"AttentionInterface ({cache.observed}/{self.num_layers} layers); kv_policy "

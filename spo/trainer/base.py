@@ -83,7 +83,10 @@ class RLTrainer(CheckpointingMixin, TrackingMixin):
 
             model = get_peft_model(model, peft_config)
         if args.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "activation_checkpointing_enable"):  # the old name is deprecated in transformers 5
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(model, "enable_input_require_grads"):
                 model.enable_input_require_grads()
         self.uses_adapters = peft_config is not None or hasattr(model, "disable_adapter")
