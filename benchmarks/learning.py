@@ -110,10 +110,8 @@ def variant_recipe(name: str, seed: int, out: Path, eval_limit: int, *, task: st
         recipe.dataset.source = recipe.eval_dataset.source = changes["source"]
     recipe.reward_funcs = changes.get("reward_funcs", recipe.reward_funcs)
     train = dict(recipe.train) | changes.get("train", {})
-    # a budget ends the run, so the step count is not known in advance: a constant learning rate (a "linear"
-    # decay over a placeholder max_steps would be constant in all but name)
-    train.update(train_overrides, seed=seed, max_steps=10_000, lr_scheduler_type="constant",
-                 max_generated_tokens=token_budget, max_train_seconds=seconds_budget, save_steps=4,
+    # a budget ends the run (max_steps is out of reach): the recipe's schedule decays over that budget
+    train.update(train_overrides, seed=seed, max_steps=10_000, max_generated_tokens=token_budget, max_train_seconds=seconds_budget, save_steps=4,
                  save_total_limit=1, report_to=["none"], log_completions=False,
                  output_dir=str(out / f"{run_name(name, learning_rate)}-seed{seed}"))
     if learning_rate is not None:

@@ -65,21 +65,22 @@ def test_vs_trl_passes_trls_gradient_checkpointing_setting(monkeypatch):
     assert [config["gradient_checkpointing"] for config in configs] == [False, True]
 
 
-def test_learning_benchmark_variants_are_valid_recipes_with_a_constant_learning_rate(tmp_path):
-    """A budget ends these runs, so max_steps is a placeholder: a decaying schedule would not decay. Every variant
-    on every task is a recipe the trainer accepts, evaluated on the same held-out problems."""
+def test_learning_benchmark_variants_are_valid_recipes_ended_by_their_budget(tmp_path):
+    """A budget ends these runs (max_steps is out of reach), and the recipe's linear schedule decays over it.
+    Every variant on every task is a recipe the trainer accepts, evaluated on the same held-out problems."""
     learning = load("learning")
     for task in learning.TASKS:
         for name in learning.VARIANTS:
             recipe = learning.variant_recipe(name, seed=1, out=tmp_path, eval_limit=10, task=task, token_budget=5000)
             config = trainer_config(recipe)
-            assert config.lr_scheduler_type == "constant", name
+            # max_steps is out of reach: every step samples at least one token for each of its 64 rollouts
+            assert config.lr_scheduler_type == "linear" and config.max_steps * 64 > 5000, name
             assert config.max_generated_tokens == 5000 and config.max_train_seconds is None and config.seed == 1
             assert recipe.eval_dataset.source.endswith(task) and recipe.eval_dataset.seed == 0, (task, name)
     for name, shipped in (("spo_tree", "quickstart_spo_tree.yaml"), ("rloo", "quickstart_grpo.yaml")):
         recipe = learning.variant_recipe(name, seed=1, out=tmp_path, eval_limit=10, token_budget=5000)
         settings = load_config(Recipe, ROOT / "recipes" / shipped).train  # each algorithm keeps its own
-        budget_keys = {"max_steps", "lr_scheduler_type", "save_steps", "output_dir", "report_to", "seed"}
+        budget_keys = {"max_steps", "save_steps", "output_dir", "report_to", "seed"}
         assert {k: v for k, v in settings.items() if k not in budget_keys} == \
             {k: recipe.train[k] for k in settings if k not in budget_keys}, name
     timed = learning.variant_recipe("lora_r1", seed=0, out=tmp_path, eval_limit=10, seconds_budget=60.0,

@@ -529,6 +529,9 @@ def test_a_token_or_time_budget_ends_training_and_its_count_survives_a_resume(tm
         return
     totals = [row["tokens/generated_total"] for row in logged]
     assert first.step >= 2 and max(totals[:-1]) < 100 <= totals[-1]  # a step holds at most 2 x 4 x 12 = 96 tokens
+    # "linear" (after the default 3% warmup) decays over the token budget, to 0 where it is spent
+    expected = [1e-3 * max(0.0, 1 - (min(1.0, total / 100) - 0.03) / 0.97) for total in totals]
+    assert [row["learning_rate"] for row in logged] == pytest.approx(expected) and expected[-1] == 0
     finished = run(resume_from_checkpoint="latest")  # the last checkpoint has spent the budget: nothing to train
     assert finished.step == first.step and finished.tokens_generated == first.tokens_generated
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == first.step

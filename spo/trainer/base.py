@@ -29,6 +29,7 @@ from .distributed import make_accelerator, shards_weights
 from .learner import LEARNER_METRICS, Learner
 from .output_dir import check_previous_run, check_writable, lock
 from .samples import Sample, TrainBatch, buffer_score, train_batch
+from .schedule import run_progress
 from .state import CheckpointingMixin
 from .tracking import MetricsLog, TrackingMixin
 
@@ -268,10 +269,8 @@ class RLTrainer(CheckpointingMixin, TrackingMixin):
             self._metric("timing/rollout", time.perf_counter() - started)
             update_started = time.perf_counter()
             self._metrics.update(self.learner.update(batch, step))
-            self.learner.scheduler.step()
             self._metric("timing/update", time.perf_counter() - update_started)
             self._metric("timing/step", time.perf_counter() - started)
-            self._metric("learning_rate", self.learner.scheduler.get_last_lr()[0])
             if self.accelerator.device.type == "cuda":
                 self._metric("perf/peak_memory_gib", torch.cuda.max_memory_allocated() / 2**30)
                 torch.cuda.reset_peak_memory_stats()
@@ -283,6 +282,10 @@ class RLTrainer(CheckpointingMixin, TrackingMixin):
             self.train_seconds += seconds / self.accelerator.num_processes
             self._metric("tokens/generated_total", float(self.tokens_generated))
             self._metric("timing/train_total", self.train_seconds)
+            self.learner.progress = run_progress(self.step, args.max_steps, self.tokens_generated,
+                                                 args.max_generated_tokens, self.train_seconds, args.max_train_seconds)
+            self.learner.scheduler.step()
+            self._metric("learning_rate", self.learner.scheduler.get_last_lr()[0])  # the next step's
             if args.eval_steps and self.eval_dataset is not None and self.step % args.eval_steps == 0:
                 self._metrics.update({f"eval/{k}": v for k, v in self.evaluate().items()})
             budget_reached = self._budget_reached()

@@ -71,8 +71,9 @@ class GRPOConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay")
     adam_beta1: float = _f(0.9, "AdamW beta1")
     adam_beta2: float = _f(0.999, "AdamW beta2")
-    warmup_ratio: float = _f(0.03, "fraction of max_steps over which the learning rate warms up from 0")
-    lr_scheduler_type: Literal["linear", "constant", "cosine"] = _f("linear", "learning-rate schedule after warmup")
+    warmup_ratio: float = _f(0.03, "fraction of the run over which the learning rate warms up from 0")
+    lr_scheduler_type: Literal["linear", "constant", "cosine"] = _f(
+        "linear", "schedule after warmup, over max_steps or the token or time budget that ends the run sooner")
     max_grad_norm: float = _f(1.0, "clip the gradient norm to this; 0: no clipping")
     num_iterations: int = _f(1, "optimisation passes over each generated batch")
     per_device_train_batch_size: int = _f(8, "completions per micro-batch")

@@ -27,6 +27,7 @@ from .distributed import shards_weights
 from .logprobs import batch_logprobs, packing_unsupported, unwrapped_model
 from .packing import PackedBatch, pack
 from .samples import Batch, TrainBatch, collate, pad_rows
+from .schedule import make_scheduler
 from .tree_attention import packed_tree_attention_on
 
 logger = logging.getLogger(__name__)
@@ -69,11 +70,8 @@ class Learner:
         self._keep_float32_master_weights(trainable)
         optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay,
                                       betas=(args.adam_beta1, args.adam_beta2))
-        from transformers import get_scheduler
-
-        self.scheduler = get_scheduler(args.lr_scheduler_type, optimizer,
-                                       num_warmup_steps=math.ceil(args.warmup_ratio * args.max_steps),
-                                       num_training_steps=args.max_steps)
+        self.progress = 0.0  # the run's, set by the trainer: a budget-ended run's schedule follows it
+        self.scheduler = make_scheduler(args, optimizer, lambda: self.progress)
         self.trainable_shapes = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}  # unsharded
         if self.deepspeed:
             self._fill_deepspeed_config()
