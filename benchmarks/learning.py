@@ -1,13 +1,13 @@
 """Learning comparisons at an equal budget, over seeds, on a built-in task.
 
-Every variant starts from the shipped quickstart recipe of its algorithm (``recipes/quickstart.yaml`` for
-SPO-chain, ``quickstart_spo_tree.yaml``, ``quickstart_grpo.yaml`` for GRPO, RLOO and Dr.GRPO: embedded model, MoS
-adapters, LazyEviction 50% with the importance correction, bf16 rollouts) and changes at most one thing. Each run trains until it has
-sampled ``--token-budget`` tokens (rollouts and Monte Carlo continuations alike) or spent ``--seconds-budget``
-seconds in training steps (rollouts and updates; evaluations and checkpoints do not count), then is evaluated
-greedily on the same held-out problems as every other run. Writes a Markdown table (held-out accuracy: mean and
-standard error over seeds, tokens, steps, training time) and a plot of training reward (mean over seeds, the band
-one standard error wide) against tokens or seconds.
+Every variant starts from the shipped quickstart recipe of its algorithm (``recipes/quickstart.yaml`` for SPO-chain,
+``quickstart_spo_tree.yaml``, ``quickstart_grpo.yaml`` for GRPO, RLOO and Dr.GRPO: embedded model, MoS adapters,
+LazyEviction 50% with the importance correction, bf16 rollouts) and changes at most one thing. Each run trains until
+it has sampled ``--token-budget`` tokens (rollouts and Monte Carlo continuations alike) or spent
+``--seconds-budget`` seconds in training steps (rollouts and updates; evaluations and checkpoints do not count),
+then is evaluated greedily on the same held-out problems as every other run. Writes a Markdown table (held-out
+accuracy: mean and standard error over seeds, tokens, steps, training time) and a plot of training reward (mean over
+seeds, the band one standard error wide) against tokens or seconds.
 
     python benchmarks/learning.py --seeds 0 1 2 --token-budget 60000
     python benchmarks/learning.py --task ledger --seconds-budget 600 --variants spo_chain spo_tree grpo
@@ -111,8 +111,9 @@ def variant_recipe(name: str, seed: int, out: Path, eval_limit: int, *, task: st
     recipe.reward_funcs = changes.get("reward_funcs", recipe.reward_funcs)
     train = dict(recipe.train) | changes.get("train", {})
     # a budget ends the run (max_steps is out of reach): the recipe's schedule decays over that budget
-    train.update(train_overrides, seed=seed, max_steps=10_000, max_generated_tokens=token_budget, max_train_seconds=seconds_budget, save_steps=4,
-                 save_total_limit=1, report_to=["none"], log_completions=False,
+    train.update(train_overrides, seed=seed, max_steps=10_000, max_generated_tokens=token_budget,
+                 max_train_seconds=seconds_budget, save_steps=4, save_total_limit=1, report_to=["none"],
+                 log_completions=False,
                  output_dir=str(out / f"{run_name(name, learning_rate)}-seed{seed}"))
     if learning_rate is not None:
         train["learning_rate"] = learning_rate
