@@ -57,3 +57,6 @@ def test_without_a_budget_the_schedule_is_transformers_over_max_steps():
     budgeted = SimpleNamespace(**{**vars(args), "max_generated_tokens": 1000, "max_steps": 10_000})
     rates = _learning_rates(budgeted, [0.0], 20)  # progress stands for the tokens spent
     assert rates[0] == 0.0 and rates[1] == pytest.approx(0.5) and rates[-1] == pytest.approx(1 / 18)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(ValueError, match="max_generated_tokens or max_train_seconds needs its progress"):
+        make_scheduler(budgeted, optimizer, None)  # a budget-ended schedule cannot guess how far the run is

@@ -113,7 +113,12 @@ class RLTrainer(CheckpointingMixin, TrackingMixin):
             rollout_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         # copied before the learner shards or upcasts the model; refreshed from it before every step
         self.snapshot = PolicySnapshot(model, rollout_dtype) if rollout_dtype else None
-        self.learner = Learner(self.accelerator, model, args, self.tokenizer.pad_token_id, self.uses_adapters)
+        # the run's progress, which a budget-ended run's learning-rate schedule reads from the start
+        self.step = 0
+        self.tokens_generated = 0  # over all processes, rollouts and Monte Carlo continuations alike
+        self.train_seconds = 0.0  # the training steps' time, averaged over processes (they wait for each other)
+        self.learner = Learner(self.accelerator, model, args, self.tokenizer.pad_token_id, self.uses_adapters,
+                               run_progress=self._run_progress)
 
         world = self.accelerator.num_processes
         if args.prompts_per_step % world:
@@ -145,10 +150,7 @@ class RLTrainer(CheckpointingMixin, TrackingMixin):
                                                 max_age=args.buffer_max_age,
                                                 target_fraction=args.buffer_target_fraction,
                                                 seed=args.seed + 7919 * self.accelerator.process_index)
-        self.step = 0
         self.interrupt_requested = False  # set by ``spo train``'s SIGINT handler
-        self.tokens_generated = 0  # over all processes, rollouts and Monte Carlo continuations alike
-        self.train_seconds = 0.0  # the training steps' time, averaged over processes (they wait for each other)
         self.data_epoch = 0
         self.data_position = 0
         self._metrics: dict[str, float] = {}
@@ -282,8 +284,6 @@ class RLTrainer(CheckpointingMixin, TrackingMixin):
             self.train_seconds += seconds / self.accelerator.num_processes
             self._metric("tokens/generated_total", float(self.tokens_generated))
             self._metric("timing/train_total", self.train_seconds)
-            self.learner.progress = run_progress(self.step, args.max_steps, self.tokens_generated,
-                                                 args.max_generated_tokens, self.train_seconds, args.max_train_seconds)
             self.learner.scheduler.step()
             self._metric("learning_rate", self.learner.scheduler.get_last_lr()[0])  # the next step's
             if args.eval_steps and self.eval_dataset is not None and self.step % args.eval_steps == 0:
@@ -299,6 +299,11 @@ class RLTrainer(CheckpointingMixin, TrackingMixin):
                 break
             if args.save_steps and self.step % args.save_steps == 0 and self.step < args.max_steps:
                 self.save_checkpoint()
+
+    def _run_progress(self) -> float:
+        args = self.args
+        return run_progress(self.step, args.max_steps, self.tokens_generated, args.max_generated_tokens,
+                            self.train_seconds, args.max_train_seconds)
 
     def _budget_reached(self) -> str | None:
         """Which of the run's budgets, other than ``max_steps``, is spent (None: neither)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections import defaultdict
+from collections.abc import Callable
 import logging
 import math
 from dataclasses import dataclass
@@ -53,7 +54,8 @@ class MicroBatch:
 
 
 class Learner:
-    def __init__(self, accelerator, model, args, pad_token_id: int, uses_adapters: bool):
+    def __init__(self, accelerator, model, args, pad_token_id: int, uses_adapters: bool,
+                 run_progress: Callable[[], float] | None = None):
         self.accelerator, self.args, self.pad_token_id = accelerator, args, pad_token_id
         self.uses_adapters = uses_adapters
         self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
@@ -70,8 +72,7 @@ class Learner:
         self._keep_float32_master_weights(trainable)
         optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay,
                                       betas=(args.adam_beta1, args.adam_beta2))
-        self.progress = 0.0  # the run's, set by the trainer: a budget-ended run's schedule follows it
-        self.scheduler = make_scheduler(args, optimizer, lambda: self.progress)
+        self.scheduler = make_scheduler(args, optimizer, run_progress)  # a budget-ended run's follows its progress
         self.trainable_shapes = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}  # unsharded
         if self.deepspeed:
             self._fill_deepspeed_config()

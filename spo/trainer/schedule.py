@@ -40,13 +40,17 @@ def run_progress(step: int, max_steps: int, tokens: int, max_tokens: int | None,
     return min(1.0, max(shares))
 
 
-def make_scheduler(args, optimizer: torch.optim.Optimizer, progress: Callable[[], float]):
-    """The run's scheduler, stepped once per RL step; ``progress`` reads the run's progress for budget-ended runs."""
+def make_scheduler(args, optimizer: torch.optim.Optimizer, progress: Callable[[], float] | None):
+    """The run's scheduler, stepped once per RL step; ``progress`` reads the run's progress (see ``run_progress``),
+    which a budget-ended run's schedule follows."""
     if args.max_generated_tokens is None and args.max_train_seconds is None:
         from transformers import get_scheduler
 
         return get_scheduler(args.lr_scheduler_type, optimizer,
                              num_warmup_steps=math.ceil(args.warmup_ratio * args.max_steps),
                              num_training_steps=args.max_steps)
+    if progress is None:
+        raise ValueError("a run ended by max_generated_tokens or max_train_seconds needs its progress to schedule "
+                         "the learning rate")
     kind, warmup = args.lr_scheduler_type, args.warmup_ratio
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: learning_rate_factor(kind, progress(), warmup))
