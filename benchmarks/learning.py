@@ -18,9 +18,9 @@ from its last checkpoint, so a long sweep can be stopped and restarted across se
 for another task or budget is refused rather than mixed in. Time budgets need an otherwise idle machine.
 
 ``--jobs N`` runs N runs at once, each worker in its own process: on CPU the cores are split among them, on
-several GPUs each worker gets one (round robin), on one GPU they share it (the embedded model is small). Workers
-take disjoint runs and add their results to the same OUT/results.json under a file lock. Training times are then
-only comparable between runs made with the same number of jobs.
+several GPUs each worker gets one (round robin), on one GPU they share it (the embedded model is small). Each
+worker claims the next run nobody has taken when it is free, and adds its results to the same OUT/results.json,
+under a file lock. Training times are then only comparable between runs made with the same number of jobs.
 
     python benchmarks/learning.py --jobs 2 --token-budget 40000 --variants spo_chain spo_tree grpo rloo dr_grpo
 """
@@ -28,6 +28,7 @@ only comparable between runs made with the same number of jobs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import math
@@ -213,24 +214,49 @@ def load_results(saved: Path, setting: dict) -> list[dict]:
     return data["runs"]
 
 
-def record_run(saved: Path, setting: dict, result: dict) -> list[dict]:
-    """Add ``result`` to ``saved`` atomically, under a lock so that concurrent workers lose none of each other's
-    runs; returns every run recorded so far."""
+@contextlib.contextmanager
+def locked(saved: Path):
+    """Hold the lock that serialises the workers' reads and writes of ``saved`` and of their claims."""
     with open(saved.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def write_json(path: Path, data) -> None:
+    staging = path.with_suffix(".tmp")
+    staging.write_text(json.dumps(data, indent=2))
+    staging.replace(path)  # atomic: a kill leaves the old file or the new one
+
+
+def record_run(saved: Path, setting: dict, result: dict) -> list[dict]:
+    """Add ``result`` to ``saved`` atomically, under the lock so that concurrent workers lose none of each other's
+    runs; returns every run recorded so far."""
+    with locked(saved):
         results = load_results(saved, setting) + [result]
-        staging = saved.with_suffix(".tmp")
-        staging.write_text(json.dumps({"setting": setting, "runs": results}, indent=2))
-        staging.replace(saved)
+        write_json(saved, {"setting": setting, "runs": results})
     return results
 
 
-def worker_share(plan: list, worker: str | None) -> list:
-    """Worker "K/N"'s runs of ``plan``: every N-th from the K-th, so that workers never take the same run."""
-    if worker is None:
-        return plan
-    index, count = (int(part) for part in worker.split("/"))
-    return plan[index::count]
+def new_invocation() -> str:
+    return f"{os.getpid()}-{time.time_ns()}"
+
+
+def claim_run(saved: Path, setting: dict, plan: list[tuple], invocation: str) -> tuple | None:
+    """The first run of ``plan`` that is neither recorded in ``saved`` nor claimed by a worker of this
+    ``invocation``, now claimed (None: none is left). Workers that claim as they go stay busy until the plan is
+    done however long each run takes, and a resumed sweep shares out only what remains. An earlier invocation's
+    claims are dropped: its unfinished runs are taken again and continue from their checkpoints."""
+    claims_path = saved.with_name("claims.json")
+    with locked(saved):
+        done = {(r["variant"], r["seed"]) for r in load_results(saved, setting)}
+        claims = json.loads(claims_path.read_text()) if claims_path.is_file() else {}
+        claimed = [tuple(key) for key in claims.get(invocation, [])]
+        for name, learning_rate, seed in plan:
+            key = (run_name(name, learning_rate), seed)
+            if key not in done and key not in claimed:
+                write_json(claims_path, {invocation: [*claimed, key]})
+                return name, learning_rate, seed
+    return None
 
 
 def worker_environment(index: int, jobs: int, cpu_count: int, gpu_count: int) -> dict[str, str]:
@@ -247,7 +273,9 @@ def run_workers(jobs: int) -> None:
     import torch
 
     gpu_count = torch.cuda.device_count()
-    workers = [subprocess.Popen([sys.executable, *sys.argv, "--worker", f"{index}/{jobs}"],
+    invocation = new_invocation()  # the workers claim runs as this invocation's
+    workers = [subprocess.Popen([sys.executable, *sys.argv, "--worker", f"{index}/{jobs}",
+                                 "--invocation", invocation],
                                 env=os.environ | worker_environment(index, jobs, os.cpu_count() or 1, gpu_count))
                for index in range(jobs)]
     failed = [f"{index}/{jobs}" for index, worker in enumerate(workers) if worker.wait() != 0]
@@ -269,6 +297,7 @@ def main() -> None:
     parser.add_argument("--out", default="outputs/learning")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own worker process")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # "K/N", set by --jobs for its workers
+    parser.add_argument("--invocation", help=argparse.SUPPRESS)  # the --jobs invocation whose runs they claim
     options = parser.parse_args()
     if options.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {options.jobs}")
@@ -279,15 +308,15 @@ def main() -> None:
     setting = {"task": options.task, "token_budget": options.token_budget,
                "seconds_budget": options.seconds_budget, "eval_limit": options.eval_limit}
     saved = out / "results.json"
-    done = {(r["variant"], r["seed"]) for r in load_results(saved, setting)}  # refuses another setting's file
+    load_results(saved, setting)  # refuses another setting's file before any run starts
     if options.jobs > 1 and options.worker is None:
         run_workers(options.jobs)
     else:
         plan = [(name, learning_rate, seed) for name in options.variants
                 for learning_rate in options.learning_rates or [None] for seed in options.seeds]
-        for name, learning_rate, seed in worker_share(plan, options.worker):
-            if (run_name(name, learning_rate), seed) in done:
-                continue
+        invocation = options.invocation or new_invocation()
+        while (run := claim_run(saved, setting, plan, invocation)) is not None:
+            name, learning_rate, seed = run
             recipe = variant_recipe(name, seed, out, options.eval_limit, task=options.task,
                                     token_budget=options.token_budget, seconds_budget=options.seconds_budget,
                                     learning_rate=learning_rate)

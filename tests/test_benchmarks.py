@@ -144,33 +144,47 @@ def test_rollout_benchmark_states_peaks_against_our_full_cache(small_generation,
     assert float(lazy[dense]) < float(full[dense])
 
 
-def _record_runs(saved, setting, worker, count, start):
+def _claim_and_record(saved, setting, plan, invocation, worker, start):
     learning = load("learning")
-    start.wait()  # all workers write at once
-    for seed in range(count):
-        learning.record_run(saved, setting, {"variant": f"worker{worker}", "seed": seed})
+    start.wait()  # all workers claim and write at once
+    while (run := learning.claim_run(saved, setting, plan, invocation)) is not None:
+        name, learning_rate, seed = run
+        learning.record_run(saved, setting, {"variant": learning.run_name(name, learning_rate), "seed": seed,
+                                             "worker": worker})
 
 
-def test_learning_benchmark_workers_take_disjoint_runs_and_lose_none_of_each_others_results(tmp_path, monkeypatch):
-    """--jobs: every run goes to exactly one worker, and workers recording at the same time keep every result."""
+def test_learning_benchmark_workers_claim_each_remaining_run_once_and_lose_none_of_each_others_results(
+        tmp_path, monkeypatch):
+    """--jobs: a free worker claims the next run nobody has taken; a resumed sweep runs only what is left, including
+    the runs an interrupted invocation had claimed; workers writing at the same time keep every result."""
     import multiprocessing
 
     learning = load("learning")
-    plan = [(variant, None, seed) for variant in ("grpo", "spo_chain", "rloo") for seed in range(3)]
-    shares = [learning.worker_share(plan, f"{index}/4") for index in range(4)]
-    assert sorted(run for share in shares for run in share) == sorted(plan)
-    assert learning.worker_share(plan, None) == plan
     saved, setting = tmp_path / "results.json", {"task": "arithmetic", "token_budget": 100}
+    plan = [("grpo", None, seed) for seed in range(3)] + [("rloo", 1e-3, seed) for seed in range(2)]
+    first, second = (learning.claim_run(saved, setting, plan, "one") for _ in range(2))
+    assert (first, second) == (("grpo", None, 0), ("grpo", None, 1))  # two workers busy, on different runs
+    learning.record_run(saved, setting, {"variant": "grpo", "seed": 0})
+    assert learning.claim_run(saved, setting, plan, "one") == ("grpo", None, 2)  # the first is free again
+    # interrupted: a new invocation takes grpo seed 1 (claimed, unfinished) again, never grpo seed 0 (recorded)
+    assert [learning.claim_run(saved, setting, plan, "two") for _ in range(5)] == [
+        ("grpo", None, 1), ("grpo", None, 2), ("rloo", 1e-3, 0), ("rloo", 1e-3, 1), None]
+
+    saved = tmp_path / "concurrent" / "results.json"
+    saved.parent.mkdir()
+    plan = [(variant, None, seed) for variant in ("grpo", "spo_chain", "rloo") for seed in range(40)]
+    learning.record_run(saved, setting, {"variant": "rloo", "seed": 7, "worker": None})  # an earlier invocation's
     context = multiprocessing.get_context("spawn")
     start = context.Barrier(3)
-    workers = [context.Process(target=_record_runs, args=(saved, setting, w, 60, start)) for w in range(3)]
+    workers = [context.Process(target=_claim_and_record, args=(saved, setting, plan, "three", w, start))
+               for w in range(3)]
     for worker in workers:
         worker.start()
     for worker in workers:
         worker.join(timeout=120)
         assert worker.exitcode == 0
     runs = learning.load_results(saved, setting)
-    assert sorted((r["variant"], r["seed"]) for r in runs) == [(f"worker{w}", s) for w in range(3) for s in range(60)]
+    assert sorted((r["variant"], r["seed"]) for r in runs) == sorted((v, s) for v, _, s in plan)  # each once
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert learning.worker_environment(1, 2, cpu_count=2, gpu_count=0) == {"OMP_NUM_THREADS": "1"}
