@@ -199,7 +199,8 @@ def plot(results: list[dict], path: Path, against: str) -> None:
     axis.set_xlabel("tokens generated" if against == "tokens" else "training time (s)")
     axis.set_ylabel("training reward (mean ± SE over seeds)")
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=7, ncol=2)
+    if axis.lines:  # runs of one step have no curve
+        axis.legend(fontsize=7, ncol=2)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
