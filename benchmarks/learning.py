@@ -10,7 +10,8 @@ accuracy: mean and standard error over seeds, tokens, steps, training time) and 
 seeds, the band one standard error wide) against tokens or seconds.
 
     python benchmarks/learning.py --seeds 0 1 2 --token-budget 60000
-    python benchmarks/learning.py --task ledger --seconds-budget 600 --variants spo_chain spo_tree grpo
+    python benchmarks/learning.py --task ledger --seconds-budget 600 --variants spo_chain spo_tree grpo \
+        --model outputs/ledger_warmup/step16   # a warmed-up model (benchmarks/ledger_warmup.py)
     python benchmarks/learning.py --variants lora_r1 mos_r1 --learning-rates 5e-4 2e-3 5e-3   # a small lr sweep
 
 It resumes by itself: a finished run (in OUT/results.json) is not run again, and an interrupted one continues
@@ -95,9 +96,9 @@ def run_name(variant: str, learning_rate: float | None) -> str:
 
 def variant_recipe(name: str, seed: int, out: Path, eval_limit: int, *, task: str = "arithmetic",
                    token_budget: int | None = None, seconds_budget: float | None = None,
-                   learning_rate: float | None = None):
+                   learning_rate: float | None = None, model: str | None = None):
     """The quickstart recipe of variant ``name``'s algorithm on ``task`` with its changes, ending at the token or
-    time budget."""
+    time budget; ``model``: a model name or folder instead of the recipe's (the embedded model)."""
     from spo.config import load_config
     from spo.trainer.run import Recipe
 
@@ -106,6 +107,7 @@ def variant_recipe(name: str, seed: int, out: Path, eval_limit: int, *, task: st
     algorithm, train_overrides, peft = VARIANTS[name]
     recipe = load_config(Recipe, ROOT / "recipes" / ALGORITHM_RECIPES[algorithm])
     recipe.algorithm = algorithm
+    recipe.model = model or recipe.model
     changes = TASKS[task]
     if "source" in changes:
         recipe.dataset.source = recipe.eval_dataset.source = changes["source"]
@@ -295,6 +297,7 @@ def main() -> None:
     parser.add_argument("--learning-rates", nargs="+", type=float,
                         help="run every variant at each of these learning rates (a sweep); default: the recipe's")
     parser.add_argument("--eval-limit", type=int, default=200)
+    parser.add_argument("--model", help="a model name or folder to start from (default: the recipes' embedded model)")
     parser.add_argument("--out", default="outputs/learning")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own worker process")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # "K/N", set by --jobs for its workers
@@ -308,6 +311,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     setting = {"task": options.task, "token_budget": options.token_budget,
                "seconds_budget": options.seconds_budget, "eval_limit": options.eval_limit}
+    if options.model is not None:  # absent for the recipes' own model, so earlier results files still resume
+        setting["model"] = options.model
     saved = out / "results.json"
     load_results(saved, setting)  # refuses another setting's file before any run starts
     if options.jobs > 1 and options.worker is None:
@@ -320,7 +325,7 @@ def main() -> None:
             name, learning_rate, seed = run
             recipe = variant_recipe(name, seed, out, options.eval_limit, task=options.task,
                                     token_budget=options.token_budget, seconds_budget=options.seconds_budget,
-                                    learning_rate=learning_rate)
+                                    learning_rate=learning_rate, model=options.model)
             result = run_variant(recipe, name, seed, learning_rate)
             print(json.dumps({k: v for k, v in result.items() if k != "curve"}), flush=True)
             record_run(saved, setting, result)

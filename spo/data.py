@@ -483,28 +483,36 @@ def _one_ledger_problem(rng: random.Random, difficulty: int) -> dict:
     times = rng.choice([schedule for schedule in _LEDGER_SCHEDULES if len(schedule) >= updates])
     value = rng.randint(5, 10 + top)
     sentences = [rng.choice([f"{name} has {value} {item}.", f"{name} starts with {value} {item}."])]
+    solution = [f"Start: {value}."]
     doubled = False
     for when in times[:updates]:
         op, change = _ledger_update(rng, value, top, allow_double and not doubled)
-        sentences.append(f"{when}, {_ledger_sentence(rng, op, change, name, item)}.")
+        event = f"{when}, {_ledger_sentence(rng, op, change, name, item)}"
+        step = {"add": f"{value} + {change}", "sub": f"{value} - {change}", "double": f"{value} * 2"}[op]
         value += -change if op == "sub" else change
+        sentences.append(f"{event}.")
+        solution.append(f"{event}: {step} = {value}.")
         doubled = doubled or op == "double"
     sentences.append(rng.choice([f"How many {item} does {name} have at the end?",
                                  f"How many {item} does {name} have now?"]))
-    return {"question": " ".join(sentences), "answer": str(value), "steps": updates}
+    solution.append(f"The answer is {value}.")
+    return {"question": " ".join(sentences), "answer": str(value), "steps": updates,
+            "solution": "\n".join(solution)}
 
 
 def ledger_problems(split: str, n: int, difficulty: int = LEDGER_DEFAULT_DIFFICULTY, seed: int = 0,
                     test_fraction: float = 0.2) -> list[dict]:
     """``n`` distinct ledger problems of ``split`` ("train" or "test"), deterministic from ``seed``: a starting
     amount, then one small update after another, asking for the final amount. Each is ``{"question", "answer",
-    "steps"}`` (``steps``: the number of updates)."""
+    "steps", "solution"}`` (``steps``: the number of updates; ``solution``: the worked answer, each update restated
+    on its own line with the new total, as the instruction asks)."""
     return _draw_problems("ledger", _one_ledger_problem, split, n, difficulty, seed, test_fraction)
 
 
 def make_ledger_task(split: str = "train", n: int = 1000, difficulty: int = LEDGER_DEFAULT_DIFFICULTY, seed: int = 0,
                      instruction: str | None = None, system_prompt: str | None = None) -> Dataset:
-    """The ledger task as a Dataset with ``prompt`` (chat messages), ``answer``, ``question`` and ``steps``."""
+    """The ledger task as a Dataset with ``prompt`` (chat messages), ``answer``, ``question``, ``steps`` and
+    ``solution``."""
     return _task_dataset(ledger_problems(split, n, difficulty, seed),
                          LEDGER_INSTRUCTION if instruction is None else instruction, system_prompt)
 

@@ -10,6 +10,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 from spo.models import EMBEDDED_MODEL, load_tokenizer, tiny_model
 from spo.config import load_config
@@ -90,6 +91,9 @@ def test_learning_benchmark_variants_are_valid_recipes_ended_by_their_budget(tmp
     assert config.output_dir.endswith("lora_r1@lr0.0005-seed0")
     with pytest.raises(ValueError, match="exactly one"):
         learning.variant_recipe("grpo", seed=0, out=tmp_path, eval_limit=10)
+    warmed = learning.variant_recipe("grpo", seed=0, out=tmp_path, eval_limit=10, task="ledger", token_budget=5000,
+                                     model="outputs/ledger_warmup/step16")
+    assert warmed.model == "outputs/ledger_warmup/step16" and recipe.model == "smollm2-135m-instruct"
 
 
 def test_learning_benchmark_refuses_results_of_another_setting_and_averages_curves_over_seeds(tmp_path):
@@ -192,3 +196,27 @@ def test_learning_benchmark_workers_claim_each_remaining_run_once_and_lose_none_
                                                                             "CUDA_VISIBLE_DEVICES": "1"}
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice is kept
     assert learning.worker_environment(0, 2, cpu_count=2, gpu_count=0) == {}
+
+
+def test_ledger_warmup_trains_on_solutions_only_and_saves_models_that_load_and_measure(tmp_path, tiny_model_dir,
+                                                                                      embedded_tokenizer):
+    warmup = load("ledger_warmup")
+    examples = warmup.warmup_examples(embedded_tokenizer, 3, difficulty=3, seed=7)
+    from spo.data import make_ledger_task
+
+    for example, row in zip(examples, make_ledger_task("train", 3, 3, 7), strict=True):
+        answer = [t for t in example["labels"] if t != -100]
+        prompt_length = len(example["labels"]) - len(answer)
+        assert example["labels"][:prompt_length] == [-100] * prompt_length  # no loss on the prompt
+        assert example["input_ids"][-len(answer):] == answer and len(example["input_ids"]) == len(example["labels"])
+        assert embedded_tokenizer.decode(answer) == row["solution"] + embedded_tokenizer.eos_token
+    warmup.fine_tune(tmp_path, [1, 2], problems=4, difficulty=1, seed=0, learning_rate=1e-3, batch_size=2,
+                     base=str(tiny_model_dir))
+    assert sorted(p.name for p in tmp_path.glob("step*")) == ["step1", "step2"]  # no staging folder is left
+    from spo.models import load_model
+
+    first, second = (load_model(tmp_path / f"step{n}") for n in (1, 2))
+    assert any(not torch.equal(a, b) for a, b in zip(first.parameters(), second.parameters()))  # step 2 trained on
+    result = warmup.measure(str(tmp_path / "step2"), eval_limit=2, pass_limit=1, difficulty=1)
+    assert result["greedy_problems"] == 2 and result["sampled_problems"] == 1
+    assert 0 <= result["greedy"] <= 1 and 0 <= result["pass"] <= 1 and result["greedy_tokens_per_completion"] > 0
