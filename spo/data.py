@@ -436,8 +436,9 @@ def make_arithmetic_task(split: str = "train", n: int = 1000, difficulty: int = 
 
 # --- The built-in ledger task: a running amount updated step by step -------------------------------------------
 
-# To be calibrated: the aim is 5-30% greedy accuracy and at least 40% pass@8 for the untrained embedded
-# SmolLM2-135M-Instruct, so a chain of easy steps often goes wrong somewhere but can be got right.
+# The aim was 5-30% greedy accuracy and at least 40% pass@8 for the untrained embedded SmolLM2-135M-Instruct. It
+# scores 0-2% greedy in every layout tried; after a short supervised warm-up on the worked solutions
+# (benchmarks/ledger_warmup.py) it is inside the window (README, "The built-in task").
 LEDGER_DEFAULT_DIFFICULTY = 3
 _WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 _ORDINALS = ["first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth"]
