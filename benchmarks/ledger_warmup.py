@@ -47,11 +47,13 @@ def warmup_examples(tokenizer, n: int, difficulty: int, seed: int) -> list[dict]
 
 
 def save_model(model, tokenizer, folder: Path) -> None:
-    """Save a model folder atomically: a kill leaves the complete folder or none."""
+    """Save a model folder atomically: a kill leaves a complete folder (the new one, or the one it replaces) or
+    none."""
     staging = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
+    shutil.rmtree(folder, ignore_errors=True)  # a rename cannot replace a folder that has files
     staging.replace(folder)
 
 

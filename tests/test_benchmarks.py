@@ -210,8 +210,9 @@ def test_ledger_warmup_trains_on_solutions_only_and_saves_models_that_load_and_m
         assert example["labels"][:prompt_length] == [-100] * prompt_length  # no loss on the prompt
         assert example["input_ids"][-len(answer):] == answer and len(example["input_ids"]) == len(example["labels"])
         assert embedded_tokenizer.decode(answer) == row["solution"] + embedded_tokenizer.eos_token
-    warmup.fine_tune(tmp_path, [1, 2], problems=4, difficulty=1, seed=0, learning_rate=1e-3, batch_size=2,
-                     base=str(tiny_model_dir))
+    for _ in range(2):  # a rerun (a saved model was missing) replaces the models already there
+        warmup.fine_tune(tmp_path, [1, 2], problems=4, difficulty=1, seed=0, learning_rate=1e-3, batch_size=2,
+                         base=str(tiny_model_dir))
     assert sorted(p.name for p in tmp_path.glob("step*")) == ["step1", "step2"]  # no staging folder is left
     from spo.models import load_model
 
