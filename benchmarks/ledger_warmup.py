@@ -21,14 +21,18 @@ import argparse
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# the ledger rows of benchmarks/learning.py: the longest sampled completion and the held-out evaluation's limit
-SAMPLED_TOKENS = 320
-GREEDY_TOKENS = 384
+from learning import TASKS, write_json  # noqa: E402  (benchmarks/ is not a package)
+
+# measured as the ledger rows of learning.py run: their longest sampled completion and held-out evaluation limit
+SAMPLED_TOKENS = TASKS["ledger"]["train"]["max_completion_length"]
+GREEDY_TOKENS = TASKS["ledger"]["train"]["eval_max_new_tokens"]
 SAMPLES = 8  # pass@8, as the calibration window asks
 
 
@@ -116,11 +120,14 @@ def table(results: dict) -> str:
 
 
 def main() -> None:
+    from spo.data import LEDGER_DEFAULT_DIFFICULTY
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--save-at", nargs="+", type=int, default=[8, 16, 32],
                         help="optimizer steps after which the model is saved and measured (0: the untrained model)")
     parser.add_argument("--out", default="outputs/ledger_warmup")
-    parser.add_argument("--difficulty", type=int, default=3, help="the ledger's difficulty (3: 8 updates)")
+    parser.add_argument("--difficulty", type=int, default=LEDGER_DEFAULT_DIFFICULTY,
+                        help=f"the ledger's difficulty (default {LEDGER_DEFAULT_DIFFICULTY})")
     parser.add_argument("--problems", type=int, default=2000, help="train problems to fine-tune on")
     parser.add_argument("--seed", type=int, default=1000, help="seed of the warm-up's problems and data order")
     parser.add_argument("--learning-rate", type=float, default=5e-5)
@@ -150,9 +157,7 @@ def main() -> None:
         model_path = str(out / f"step{step}") if step else EMBEDDED_MODEL
         data["steps"][str(step)] = measure(model_path, eval_limit=options.eval_limit, pass_limit=options.pass_limit,
                                            difficulty=options.difficulty)
-        staging = saved.with_suffix(".tmp")
-        staging.write_text(json.dumps(data, indent=2))
-        staging.replace(saved)
+        write_json(saved, data)
         print(f"step {step}: {json.dumps(data['steps'][str(step)])}", flush=True)
     print(table(data["steps"]))
 
