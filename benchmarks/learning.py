@@ -5,7 +5,8 @@ Every variant starts from the shipped quickstart recipe of its algorithm (``reci
 LazyEviction 50% with the importance correction, bf16 rollouts) and changes at most one thing. Each run trains until
 it has sampled ``--token-budget`` tokens (rollouts and Monte Carlo continuations alike) or spent
 ``--seconds-budget`` seconds in training steps (rollouts and updates; evaluations and checkpoints do not count),
-then is evaluated greedily on the same held-out problems as every other run. Writes a Markdown table (held-out
+then is evaluated greedily on the same held-out problems as every other run (the first run also evaluates the
+starting model, which is the same for every run). Writes a Markdown table (held-out
 accuracy: mean and standard error over seeds, tokens, steps, training time) and a plot of training reward (mean over
 seeds, the band one standard error wide) against tokens or seconds.
 
@@ -18,9 +19,9 @@ It resumes by itself: a finished run (in OUT/results.json) is not run again, and
 from its last checkpoint, so a long sweep can be stopped and restarted across sessions. A results file written
 for another task or budget is refused rather than mixed in. Time budgets need an otherwise idle machine.
 
-``--jobs N`` runs N runs at once, each worker in its own process: on CPU the cores are split among them, on
-several GPUs each worker gets one (round robin), on one GPU they share it (the embedded model is small). Each
-worker claims the next run nobody has taken when it is free, and adds its results to the same OUT/results.json,
+Every run is made in a fresh process of its own, so that no run inherits the state of the one before it.
+``--jobs N`` runs N of them at once: on CPU the cores are split among them, on several GPUs each gets one (round
+robin), on one GPU they share it (the embedded model is small). Each adds its results to the same OUT/results.json,
 under a file lock. Training times are then only comparable between runs made with the same number of jobs.
 
     python benchmarks/learning.py --jobs 2 --token-budget 40000 --variants spo_chain spo_tree grpo rloo dr_grpo
@@ -128,21 +129,25 @@ def variant_recipe(name: str, seed: int, out: Path, eval_limit: int, *, task: st
     return recipe
 
 
-def run_variant(recipe, name: str, seed: int, learning_rate: float | None) -> dict:
+def run_variant(recipe, name: str, seed: int, learning_rate: float | None, *, evaluate_before: bool = False) -> dict:
+    """Train ``recipe`` to its budget and evaluate it; ``evaluate_before``: also evaluate the starting model first
+    (greedy, so the same for every run of a results file: measured once), unless the run resumes."""
     from spo.trainer import checkpoint as ckpt
     from spo.trainer.run import build_trainer
 
     output_dir = Path(recipe.train["output_dir"])
-    if ckpt.resolve(output_dir, "latest") is not None:
+    resuming = ckpt.resolve(output_dir, "latest") is not None
+    if resuming:
         recipe.train["resume_from_checkpoint"] = "latest"  # an interrupted run continues
     else:
         recipe.train["overwrite_output_dir"] = True  # a run killed before its first checkpoint starts over
     started = time.perf_counter()
     trainer = build_trainer(recipe)
+    before = trainer.evaluate()["accuracy"] if evaluate_before and not resuming else None
     history = trainer.train()
     accuracy = trainer.evaluate()["accuracy"]
     trainer.close()
-    return {"variant": run_name(name, learning_rate), "seed": seed, "accuracy": accuracy,
+    return {"variant": run_name(name, learning_rate), "seed": seed, "accuracy": accuracy, "before": before,
             "tokens": trainer.tokens_generated, "steps": trainer.step, "train_seconds": trainer.train_seconds,
             "seconds": time.perf_counter() - started,
             "curve": [(h.get("tokens/generated_total", 0), h.get("timing/train_total", 0), h.get("reward"))
@@ -154,9 +159,16 @@ def mean_and_error(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), error
 
 
+def accuracy_before(results: list[dict]) -> float | None:
+    """The starting model's held-out accuracy, as the first run that measured it recorded it."""
+    return next((r["before"] for r in results if r.get("before") is not None), None)
+
+
 def table(results: list[dict]) -> str:
-    lines = ["| variant | held-out accuracy (mean ± SE) | seeds | tokens generated | steps | training time (s) |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    before = accuracy_before(results)
+    lines = [f"Held-out accuracy before training: {before:.3f}", ""] if before is not None else []
+    lines += ["| variant | held-out accuracy (mean ± SE) | seeds | tokens generated | steps | training time (s) |",
+              "| --- | --- | --- | --- | --- | --- |"]
     for name in dict.fromkeys(r["variant"] for r in results):
         runs = [r for r in results if r["variant"] == name]
         mean, error = mean_and_error([r["accuracy"] for r in runs])
@@ -219,7 +231,7 @@ def load_results(saved: Path, setting: dict) -> list[dict]:
 
 @contextlib.contextmanager
 def locked(saved: Path):
-    """Hold the lock that serialises the workers' reads and writes of ``saved`` and of their claims."""
+    """Hold the lock that serialises the workers' reads and writes of ``saved``."""
     with open(saved.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
@@ -240,26 +252,13 @@ def record_run(saved: Path, setting: dict, result: dict) -> list[dict]:
     return results
 
 
-def new_invocation() -> str:
-    return f"{os.getpid()}-{time.time_ns()}"
-
-
-def claim_run(saved: Path, setting: dict, plan: list[tuple], invocation: str) -> tuple | None:
-    """The first run of ``plan`` that is neither recorded in ``saved`` nor claimed by a worker of this
-    ``invocation``, now claimed (None: none is left). Workers that claim as they go stay busy until the plan is
-    done however long each run takes, and a resumed sweep shares out only what remains. An earlier invocation's
-    claims are dropped: its unfinished runs are taken again and continue from their checkpoints."""
-    claims_path = saved.with_name("claims.json")
+def pending_runs(saved: Path, setting: dict, plan: list[tuple]) -> list[tuple]:
+    """The runs of ``plan`` not recorded in ``saved`` yet: a resumed sweep runs only these, and an interrupted run
+    among them continues from its checkpoint."""
     with locked(saved):
         done = {(r["variant"], r["seed"]) for r in load_results(saved, setting)}
-        claims = json.loads(claims_path.read_text()) if claims_path.is_file() else {}
-        claimed = [tuple(key) for key in claims.get(invocation, [])]
-        for name, learning_rate, seed in plan:
-            key = (run_name(name, learning_rate), seed)
-            if key not in done and key not in claimed:
-                write_json(claims_path, {invocation: [*claimed, key]})
-                return name, learning_rate, seed
-    return None
+    return [(name, learning_rate, seed) for name, learning_rate, seed in plan
+            if (run_name(name, learning_rate), seed) not in done]
 
 
 def worker_environment(index: int, jobs: int, cpu_count: int, gpu_count: int) -> dict[str, str]:
@@ -271,19 +270,31 @@ def worker_environment(index: int, jobs: int, cpu_count: int, gpu_count: int) ->
     return {key: value for key, value in environment.items() if key not in os.environ}
 
 
-def run_workers(jobs: int) -> None:
-    """Run this command as ``jobs`` worker processes and wait for all of them."""
+def run_in_processes(runs: list[tuple], jobs: int, command) -> None:
+    """Run each of ``runs`` in a process of its own, ``command(run)``, at most ``jobs`` at once, and wait for all of
+    them. A run inherits nothing from the one before it: runs made one after another in one process got slower
+    (the same first update took 12-36% longer after another run than as the process's first), which a wall-clock
+    budget charged to the later ones. A failed run stops new ones from starting; the others finish."""
     import torch
 
     gpu_count = torch.cuda.device_count()
-    invocation = new_invocation()  # the workers claim runs as this invocation's
-    workers = [subprocess.Popen([sys.executable, *sys.argv, "--worker", f"{index}/{jobs}",
-                                 "--invocation", invocation],
-                                env=os.environ | worker_environment(index, jobs, os.cpu_count() or 1, gpu_count))
-               for index in range(jobs)]
-    failed = [f"{index}/{jobs}" for index, worker in enumerate(workers) if worker.wait() != 0]
+    queue, running, failed = list(runs), {}, []
+    while queue or running:
+        for slot in range(jobs):
+            if slot not in running and queue and not failed:
+                run = queue.pop(0)
+                environment = os.environ | worker_environment(slot, jobs, os.cpu_count() or 1, gpu_count)
+                running[slot] = (run, subprocess.Popen(command(run), env=environment))
+        time.sleep(0.2)
+        for slot, (run, process) in list(running.items()):
+            if process.poll() is not None:
+                del running[slot]
+                if process.returncode != 0:
+                    failed.append(f"{run_name(run[0], run[1])} seed {run[2]}")
+        if failed and not running:
+            break
     if failed:
-        raise SystemExit(f"worker(s) {', '.join(failed)} failed (their output is above); rerun to resume")
+        raise SystemExit(f"run(s) {', '.join(failed)} failed (their output is above); rerun to resume")
 
 
 def main() -> None:
@@ -299,9 +310,8 @@ def main() -> None:
     parser.add_argument("--eval-limit", type=int, default=200)
     parser.add_argument("--model", help="a model name or folder to start from (default: the recipes' embedded model)")
     parser.add_argument("--out", default="outputs/learning")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own worker process")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)  # "K/N", set by --jobs for its workers
-    parser.add_argument("--invocation", help=argparse.SUPPRESS)  # the --jobs invocation whose runs they claim
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in a process of its own")
+    parser.add_argument("--run", help=argparse.SUPPRESS)  # '[variant, learning rate, seed]': a worker's one run
     options = parser.parse_args()
     if options.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {options.jobs}")
@@ -315,22 +325,21 @@ def main() -> None:
         setting["model"] = options.model
     saved = out / "results.json"
     load_results(saved, setting)  # refuses another setting's file before any run starts
-    if options.jobs > 1 and options.worker is None:
-        run_workers(options.jobs)
-    else:
-        plan = [(name, learning_rate, seed) for name in options.variants
-                for learning_rate in options.learning_rates or [None] for seed in options.seeds]
-        invocation = options.invocation or new_invocation()
-        while (run := claim_run(saved, setting, plan, invocation)) is not None:
-            name, learning_rate, seed = run
-            recipe = variant_recipe(name, seed, out, options.eval_limit, task=options.task,
-                                    token_budget=options.token_budget, seconds_budget=options.seconds_budget,
-                                    learning_rate=learning_rate, model=options.model)
-            result = run_variant(recipe, name, seed, learning_rate)
-            print(json.dumps({k: v for k, v in result.items() if k != "curve"}), flush=True)
-            record_run(saved, setting, result)
-        if options.worker is not None:
-            return  # the parent writes the table of every worker's runs
+    if options.run is not None:  # a worker: one run, recorded, then exit
+        name, learning_rate, seed = json.loads(options.run)
+        recipe = variant_recipe(name, seed, out, options.eval_limit, task=options.task,
+                                token_budget=options.token_budget, seconds_budget=options.seconds_budget,
+                                learning_rate=learning_rate, model=options.model)
+        with locked(saved):
+            measured = accuracy_before(load_results(saved, setting)) is not None
+        result = run_variant(recipe, name, seed, learning_rate, evaluate_before=not measured)
+        print(json.dumps({k: v for k, v in result.items() if k != "curve"}), flush=True)
+        record_run(saved, setting, result)
+        return
+    plan = [(name, learning_rate, seed) for name in options.variants
+            for learning_rate in options.learning_rates or [None] for seed in options.seeds]
+    run_in_processes(pending_runs(saved, setting, plan), options.jobs,
+                     lambda run: [sys.executable, *sys.argv, "--run", json.dumps(list(run))])
     results = load_results(saved, setting)
     print(table(results))
     (out / "table.md").write_text(table(results) + "\n")

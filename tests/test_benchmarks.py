@@ -107,7 +107,10 @@ def test_learning_benchmark_refuses_results_of_another_setting_and_averages_curv
     assert x == [0.0, 4.0, 8.0]  # up to the shorter curve's end
     assert mean == pytest.approx([0.0, 0.2, 0.4]) and error == pytest.approx([0.0, 0.2, 0.4])
     runs = [{"variant": "a", "accuracy": acc, "tokens": 10, "steps": 2, "train_seconds": 5.0} for acc in (0.2, 0.4)]
-    assert "| a | 0.300 ± 0.100 | 2 |" in learning.table(runs)
+    assert "| a | 0.300 ± 0.100 | 2 |" in learning.table(runs) and "before" not in learning.table(runs)
+    runs[1]["before"] = 0.125  # the starting model, measured by one run
+    assert learning.accuracy_before(runs) == 0.125
+    assert learning.table(runs).startswith("Held-out accuracy before training: 0.125")
 
 
 def test_update_benchmark_profiles_an_update(tmp_path):
@@ -148,47 +151,54 @@ def test_rollout_benchmark_states_peaks_against_our_full_cache(small_generation,
     assert float(lazy[dense]) < float(full[dense])
 
 
-def _claim_and_record(saved, setting, plan, invocation, worker, start):
+def _record(saved, setting, runs, start):
     learning = load("learning")
-    start.wait()  # all workers claim and write at once
-    while (run := learning.claim_run(saved, setting, plan, invocation)) is not None:
-        name, learning_rate, seed = run
-        learning.record_run(saved, setting, {"variant": learning.run_name(name, learning_rate), "seed": seed,
-                                             "worker": worker})
+    start.wait()  # all processes write at once
+    for name, seed in runs:
+        learning.record_run(saved, setting, {"variant": name, "seed": seed})
 
 
-def test_learning_benchmark_workers_claim_each_remaining_run_once_and_lose_none_of_each_others_results(
-        tmp_path, monkeypatch):
-    """--jobs: a free worker claims the next run nobody has taken; a resumed sweep runs only what is left, including
-    the runs an interrupted invocation had claimed; workers writing at the same time keep every result."""
+def test_learning_benchmark_runs_each_pending_run_in_its_own_process_and_loses_no_result(tmp_path, monkeypatch):
+    """A resumed sweep runs only what is not recorded; every run gets a fresh process, at most ``jobs`` at once;
+    processes recording at the same time keep every result; a failed run stops new ones and is reported."""
     import multiprocessing
 
     learning = load("learning")
     saved, setting = tmp_path / "results.json", {"task": "arithmetic", "token_budget": 100}
     plan = [("grpo", None, seed) for seed in range(3)] + [("rloo", 1e-3, seed) for seed in range(2)]
-    first, second = (learning.claim_run(saved, setting, plan, "one") for _ in range(2))
-    assert (first, second) == (("grpo", None, 0), ("grpo", None, 1))  # two workers busy, on different runs
-    learning.record_run(saved, setting, {"variant": "grpo", "seed": 0})
-    assert learning.claim_run(saved, setting, plan, "one") == ("grpo", None, 2)  # the first is free again
-    # interrupted: a new invocation takes grpo seed 1 (claimed, unfinished) again, never grpo seed 0 (recorded)
-    assert [learning.claim_run(saved, setting, plan, "two") for _ in range(5)] == [
-        ("grpo", None, 1), ("grpo", None, 2), ("rloo", 1e-3, 0), ("rloo", 1e-3, 1), None]
+    learning.record_run(saved, setting, {"variant": "grpo", "seed": 1})
+    learning.record_run(saved, setting, {"variant": "rloo@lr0.001", "seed": 0})
+    pending = learning.pending_runs(saved, setting, plan)
+    assert pending == [("grpo", None, 0), ("grpo", None, 2), ("rloo", 1e-3, 1)]
+
+    log = tmp_path / "log"
+    script = ("import json, os, sys, time; time.sleep(0.3); "
+              f"open({str(log)!r}, 'a').write(json.dumps([sys.argv[1], os.getpid(), time.time()]) + chr(10))")
+    learning.run_in_processes(pending, 2, lambda run: [sys.executable, "-c", script, json.dumps(list(run))])
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert sorted(json.loads(run) for run, _, _ in lines) == sorted(list(run) for run in pending)  # each once
+    assert len({pid for _, pid, _ in lines}) == 3  # a process per run
+    ends = sorted(end for _, _, end in lines)
+    assert ends[2] - ends[0] > 0.25  # two at once: the third started when a slot was free
+
+    log.unlink()
+    failing = lambda run: [sys.executable, "-c", f"import sys; sys.exit({run[2]} == 0)"]  # noqa: E731
+    with pytest.raises(SystemExit, match="grpo seed 0 failed"):
+        learning.run_in_processes([("grpo", None, 0), ("grpo", None, 2)], 1, failing)
 
     saved = tmp_path / "concurrent" / "results.json"
     saved.parent.mkdir()
-    plan = [(variant, None, seed) for variant in ("grpo", "spo_chain", "rloo") for seed in range(40)]
-    learning.record_run(saved, setting, {"variant": "rloo", "seed": 7, "worker": None})  # an earlier invocation's
     context = multiprocessing.get_context("spawn")
     start = context.Barrier(3)
-    workers = [context.Process(target=_claim_and_record, args=(saved, setting, plan, "three", w, start))
-               for w in range(3)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(timeout=120)
-        assert worker.exitcode == 0
+    shares = [[(variant, seed) for seed in range(40)] for variant in ("grpo", "spo_chain", "rloo")]
+    processes = [context.Process(target=_record, args=(saved, setting, share, start)) for share in shares]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+        assert process.exitcode == 0
     runs = learning.load_results(saved, setting)
-    assert sorted((r["variant"], r["seed"]) for r in runs) == sorted((v, s) for v, _, s in plan)  # each once
+    assert sorted((r["variant"], r["seed"]) for r in runs) == sorted(run for share in shares for run in share)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert learning.worker_environment(1, 2, cpu_count=2, gpu_count=0) == {"OMP_NUM_THREADS": "1"}
