@@ -268,6 +268,20 @@ def ensure_pad_token(tokenizer):
     return tokenizer
 
 
+def has_native_bfloat16(device: str | torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 in hardware: a CUDA GPU with bf16 support, or a CPU with AVX512-BF16 or
+    AMX. Elsewhere torch emulates bf16, slower than float32: 3-7x for the embedded model's matmuls on an AVX2-only
+    CPU (``benchmarks/RESULTS.md``)."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if kind == "cpu":  # torch.cpu's probes are private: a torch without them counts as no native bf16
+        probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None),
+                  getattr(torch.cpu, "_is_amx_tile_supported", None))
+        return any(probe() for probe in probes if probe is not None)
+    return False
+
+
 def _parse_dtype(dtype: str | torch.dtype | None, device: str | torch.device | None) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype

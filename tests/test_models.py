@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from spo.models import EMBEDDED_MODEL, embedded_model_path, load_model, resolve_model_path, tiny_model
+from spo.models import (EMBEDDED_MODEL, embedded_model_path, has_native_bfloat16, load_model, resolve_model_path,
+                        tiny_model)
 
 
 def test_embedded_model_is_cached_as_safetensors_and_reloads(embedded):
@@ -31,3 +32,15 @@ def test_bad_dtype_and_missing_path_are_clear(tmp_path):
         load_model(EMBEDDED_MODEL, dtype="float8")
     with pytest.raises(OSError):
         load_model(str(tmp_path / "no-such-model"))
+
+
+def test_native_bfloat16_on_this_cpu_follows_its_instruction_set():
+    """What ``bf16: auto`` and ``rollout_dtype: auto`` decide on CPU: bfloat16 only with AVX512-BF16 or AMX."""
+    from pathlib import Path
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("needs /proc/cpuinfo (Linux) to read the CPU's flags")
+    flags = set(next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split())
+    assert has_native_bfloat16("cpu") == bool(flags & {"avx512_bf16", "amx_bf16"})
+    assert has_native_bfloat16("meta") is False

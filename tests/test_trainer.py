@@ -493,6 +493,20 @@ def test_evaluation_decodes_a_merged_copy_with_the_policys_greedy_tokens(tmp_pat
     assert (copy is trainer.sampling_model) == (rollout_dtype == "float32")  # a float32 rollout copy is reused
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_uses_bfloat16_only_where_the_device_computes_it_natively(tmp_path, task, embedded_tokenizer,
+                                                                               monkeypatch, native):
+    monkeypatch.setattr("spo.trainer.base.has_native_bfloat16", lambda device: native)
+    args = GRPOConfig(**_common(tmp_path, rollout_dtype="auto", bf16="auto"))
+    trainer = GRPOTrainer(model=tiny_model(seed=0), reward_funcs=[vowel_share], args=args, train_dataset=task,
+                          processing_class=embedded_tokenizer)
+    assert trainer.accelerator.mixed_precision == ("bf16" if native else "no")
+    expected = torch.bfloat16 if native else torch.float32
+    assert {p.dtype for p in trainer.sampling_model.parameters()} == {expected}
+    trainer.train()  # samples from that copy and updates the float32 weights
+    assert all(p.dtype == torch.float32 for p in trainer.unwrapped.parameters() if p.requires_grad)
+
+
 def test_a_requested_interrupt_stops_training_at_the_next_step(tmp_path, task, embedded_tokenizer):
     """``spo train``'s SIGINT handler sets ``interrupt_requested``: should the KeyboardInterrupt itself be swallowed
     (raised inside a ``__del__``), the loop still stops before the next step."""

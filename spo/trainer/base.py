@@ -22,10 +22,10 @@ from accelerate.utils import set_seed
 from rewards import compute_rewards, get_reward, reward_name
 
 from ..data import tokenize_dataset
-from ..models import ensure_pad_token, load_model, load_tokenizer, setup_cpu_math
+from ..models import ensure_pad_token, has_native_bfloat16, load_model, load_tokenizer, setup_cpu_math
 from . import checkpoint as ckpt
 from .config import GRPOConfig, check_fits_model, prompt_limit
-from .distributed import make_accelerator, shards_weights
+from .distributed import make_accelerator, shards_weights, use_cpu
 from .learner import LEARNER_METRICS, Learner
 from .output_dir import check_previous_run, check_writable, lock
 from .samples import Sample, TrainBatch, buffer_score, train_batch
@@ -49,6 +49,19 @@ class RLTrainer(CheckpointingMixin, TrackingMixin):
     algorithm = "base"
     algorithm_metrics: tuple[str, ...] = ()
 
+    @staticmethod
+    def _resolve_precision(args: GRPOConfig) -> tuple[bool | None, str | None]:
+        """``bf16`` and ``rollout_dtype`` with ``auto`` decided for this machine: bfloat16 only where the device
+        computes it natively, since emulated bf16 is slower than float32."""
+        if "auto" not in (args.bf16, args.rollout_dtype):
+            return args.bf16, args.rollout_dtype
+        native = has_native_bfloat16("cpu" if use_cpu() else "cuda")
+        bf16 = native if args.bf16 == "auto" else args.bf16
+        rollout_dtype = ("bfloat16" if native else "float32") if args.rollout_dtype == "auto" else args.rollout_dtype
+        logger.info("precision auto: %s (%s)", "bfloat16" if native else "float32",
+                    "native bf16 on this device" if native else "this device has no native bf16")
+        return bf16, rollout_dtype
+
     def __init__(self, model, reward_funcs, args: GRPOConfig | None = None, train_dataset=None, eval_dataset=None,
                  processing_class=None, peft_config=None):
         self.args = args = args or GRPOConfig()
@@ -57,8 +70,9 @@ class RLTrainer(CheckpointingMixin, TrackingMixin):
         self.output_dir = Path(args.output_dir)
         check_writable(self.output_dir)
         trackers = [t for t in args.report_to if t != "none"]
+        bf16, rollout_dtype = self._resolve_precision(args)
         # bf16 None: the launcher's setting (accelerate launch --mixed_precision / its config file) decides
-        mixed_precision = None if args.bf16 is None else ("bf16" if args.bf16 else "no")
+        mixed_precision = None if bf16 is None else ("bf16" if bf16 else "no")
         self.accelerator = make_accelerator(log_with=trackers or None, project_dir=str(self.output_dir),
                                             mixed_precision=mixed_precision)
         main = self.accelerator.is_main_process
@@ -106,7 +120,6 @@ class RLTrainer(CheckpointingMixin, TrackingMixin):
         ckpt.check_free_space(self.output_dir, ckpt.estimate_checkpoint_bytes(model))
         from ..rollout.snapshot import PolicySnapshot
 
-        rollout_dtype = args.rollout_dtype
         if rollout_dtype is None and shards_weights(self.accelerator):
             # sharded weights are gathered by collectives inside every forward, and processes decode different
             # numbers of steps: they sample (and evaluate) from a gathered copy instead

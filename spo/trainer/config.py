@@ -47,7 +47,8 @@ class GRPOConfig:
                                        "else prompt + that of the completion)")
     kv_kwargs: dict = _f(help="further options of the KV cache policy", factory=dict)
     rollout_dtype: str | None = _f(None, "sample from a merged copy of the policy in this dtype (bfloat16, float16, "
-                                         "float32); null: the policy")
+                                         "float32); auto: bfloat16 where the device computes it natively (a GPU with "
+                                         "bf16, a CPU with AVX512-BF16 or AMX), else float32; null: the policy")
     # advantages and loss
     advantage_estimator: Literal["grpo", "rloo", "dr_grpo"] = _f(
         "grpo", "group baseline: grpo (group mean, / std), rloo (leave one out) or dr_grpo (group mean)")
@@ -81,8 +82,9 @@ class GRPOConfig:
         "prefix_tree", "micro-batch layout: one packed row, shared prefixes once / packed, no sharing / padded rows")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
-    bf16: bool | None = _f(None, "bfloat16 autocast for the learner (trained weights stay float32); null: as the launcher "
-                                 "says")
+    bf16: bool | Literal["auto"] | None = _f(
+        None, "bfloat16 autocast for the learner (trained weights stay float32); auto: where the device computes "
+              "bf16 natively (as rollout_dtype's auto); null: as the launcher says")
     # selective sample buffer
     use_sample_buffer: bool = _f(False, "re-inject cached samples with non-zero advantage (selective sample buffer)")
     buffer_capacity: int = _f(512, "samples the buffer holds")
@@ -150,8 +152,9 @@ class GRPOConfig:
             (self.eval_limit is None or self.eval_limit >= 1, f"eval_limit must be >= 1 or null, got {self.eval_limit}"),
             (self.reward_timeout is None or self.reward_timeout > 0,
              f"reward_timeout must be > 0 seconds or null, got {self.reward_timeout}"),
-            (self.rollout_dtype in (None, "float32", "bfloat16", "float16"),
-             f"rollout_dtype must be null, 'float32', 'bfloat16' or 'float16', got {self.rollout_dtype!r}"),
+            (self.rollout_dtype in (None, "auto", "float32", "bfloat16", "float16"),
+             f"rollout_dtype must be null, 'auto', 'float32', 'bfloat16' or 'float16', got {self.rollout_dtype!r}"),
+            (self.bf16 in (None, True, False, "auto"), f"bf16 must be true, false, 'auto' or null, got {self.bf16!r}"),
             (self.generation_batch_size is not None and self.generation_batch_size >= 1,
              "generation_batch_size must be >= 1"),
             (self.num_generations < 1 or (self.generation_batch_size or 1) % self.num_generations == 0,
