@@ -46,9 +46,8 @@ class GRPOConfig:
     kv_budget: float | None = _f(None, "KV budget: tokens (>= 1) or a fraction (of the prompt: snapkv, windowkv; "
                                        "else prompt + that of the completion)")
     kv_kwargs: dict = _f(help="further options of the KV cache policy", factory=dict)
-    rollout_dtype: str | None = _f(None, "sample from a merged copy of the policy in this dtype (bfloat16, float16, "
-                                         "float32); auto: bfloat16 where the device computes it natively (a GPU with "
-                                         "bf16, a CPU with AVX512-BF16 or AMX), else float32; null: the policy")
+    rollout_dtype: str | None = _f(None, "sample from a merged policy copy in this dtype (auto: bfloat16 where native, "
+                                         "else float32); null: the policy")
     # advantages and loss
     advantage_estimator: Literal["grpo", "rloo", "dr_grpo"] = _f(
         "grpo", "group baseline: grpo (group mean, / std), rloo (leave one out) or dr_grpo (group mean)")
@@ -83,8 +82,7 @@ class GRPOConfig:
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
     bf16: bool | Literal["auto"] | None = _f(
-        None, "bfloat16 autocast for the learner (trained weights stay float32); auto: where the device computes "
-              "bf16 natively (as rollout_dtype's auto); null: as the launcher says")
+        None, "bfloat16 autocast for the learner (weights stay float32); auto: where native; null: as the launcher says")
     # selective sample buffer
     use_sample_buffer: bool = _f(False, "re-inject cached samples with non-zero advantage (selective sample buffer)")
     buffer_capacity: int = _f(512, "samples the buffer holds")
