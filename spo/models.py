@@ -287,7 +287,7 @@ def _parse_dtype(dtype: str | torch.dtype | None, device: str | torch.device | N
         return dtype
     if dtype in (None, "auto"):
         on_cuda = device is not None and torch.device(device).type == "cuda"
-        if on_cuda and torch.cuda.is_bf16_supported():
+        if on_cuda and has_native_bfloat16(device):
             return torch.bfloat16
         return torch.float32
     try:
@@ -305,7 +305,7 @@ def load_model(
     attn_implementation: str | None = "sdpa",
 ):
     """Load a causal LM from a hub name, a local folder or the embedded alias. fp32 on CPU, bf16 on a CUDA
-    device that supports it unless ``dtype`` says otherwise."""
+    device that computes it natively (Ampere or newer) unless ``dtype`` says otherwise."""
     from transformers import AutoModelForCausalLM
 
     check_device(None if isinstance(device, torch.device) else device)
