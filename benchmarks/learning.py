@@ -2,13 +2,13 @@
 
 Every variant starts from the shipped quickstart recipe of its algorithm (``recipes/quickstart.yaml`` for SPO-chain,
 ``quickstart_spo_tree.yaml``, ``quickstart_grpo.yaml`` for GRPO, RLOO and Dr.GRPO: embedded model, MoS adapters,
-LazyEviction 50% with the importance correction, bf16 rollouts) and changes at most one thing. Each run trains until
-it has sampled ``--token-budget`` tokens (rollouts and Monte Carlo continuations alike) or spent
-``--seconds-budget`` seconds in training steps (rollouts and updates; evaluations and checkpoints do not count),
-then is evaluated greedily on the same held-out problems as every other run (the first run also evaluates the
-starting model, which is the same for every run). Writes a Markdown table (held-out
-accuracy: mean and standard error over seeds, tokens, steps, training time) and a plot of training reward (mean over
-seeds, the band one standard error wide) against tokens or seconds.
+LazyEviction 50% with the importance correction, ``auto`` precision: bf16 only where the device computes it
+natively) and changes at most one thing. Each run trains until it has sampled ``--token-budget`` tokens (rollouts
+and Monte Carlo continuations alike) or spent ``--seconds-budget`` seconds in training steps (rollouts and updates;
+evaluations and checkpoints do not count), then is evaluated greedily on the same held-out problems as every other
+run (the first run also evaluates the starting model, which is the same for every run). Writes a Markdown table
+(held-out accuracy: mean and standard error over seeds, tokens, steps, training time) and a plot of training reward
+(mean over seeds, the band one standard error wide) against tokens or seconds.
 
     python benchmarks/learning.py --seeds 0 1 2 --token-budget 60000
     python benchmarks/learning.py --task ledger --seconds-budget 600 --variants spo_chain spo_tree grpo \
