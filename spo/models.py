@@ -270,8 +270,8 @@ def ensure_pad_token(tokenizer):
 
 def has_native_bfloat16(device: str | torch.device) -> bool:
     """Whether ``device`` computes bfloat16 in hardware: a CUDA GPU with bf16 support, or a CPU with AVX512-BF16 or
-    AMX. Elsewhere torch emulates bf16, slower than float32: 3-7x for the embedded model's matmuls on an AVX2-only
-    CPU (``benchmarks/RESULTS.md``)."""
+    AMX. Elsewhere torch emulates bf16, slower than float32: the embedded model decoded at 0.55x float32's speed
+    on an AVX2-only CPU (``benchmarks/RESULTS.md``)."""
     kind = torch.device(device).type
     if kind == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
